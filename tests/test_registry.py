@@ -1,0 +1,126 @@
+"""Registry: names, wildcards, errors, and plugins discovered through entry points."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import zoo
+from zoo import registry
+from zoo.errors import ZooError
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Let a test register models and plugins without leaking them into other tests."""
+    zoo.list_models()  # make sure built-ins are in before the snapshot
+    monkeypatch.setattr(
+        registry,
+        "_registry",
+        registry._Registry(
+            entries=dict(registry._registry.entries),
+            plugins_loaded=False,
+        ),
+    )
+    return registry._registry
+
+
+def _plugin_module(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(name, None)
+
+
+def _inject_entry_points(monkeypatch, *specs: tuple[str, str]) -> None:
+    points = [importlib.metadata.EntryPoint(n, v, registry.ENTRY_POINT_GROUP) for n, v in specs]
+    real = importlib.metadata.entry_points
+
+    def entry_points(**params):
+        if params.get("group") == registry.ENTRY_POINT_GROUP:
+            return importlib.metadata.EntryPoints(points)
+        return real(**params)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+
+
+TINY_PLUGIN = """
+    import zoo
+    from zoo.models.vae import VAE
+
+    class TinyPluginVAE(VAE):
+        '''A VAE that arrives through an entry point.'''
+"""
+
+
+def test_builtins_and_wildcards():
+    assert {"vae", "beta-vae", "cvae", "beta-cvae"} <= set(zoo.list_models())
+    assert zoo.list_models("beta-*") == ["beta-cvae", "beta-vae"]
+    assert zoo.list_models("*cvae") == ["beta-cvae", "cvae"]
+
+
+def test_beta_variants_only_change_the_default_beta():
+    assert zoo.create_model("vae").config.beta == 1.0
+    assert zoo.create_model("beta-vae").config.beta == 4.0
+    assert zoo.create_model("beta-vae", beta=2).config.beta == 2.0
+    assert zoo.create_model("cvae", num_attributes=3, beta=2).config.beta == 2.0
+    assert zoo.create_model("beta-cvae", num_attributes=3).config.beta == 4.0
+
+
+def test_unknown_model_names_the_closest_match():
+    with pytest.raises(ZooError, match="unknown model 'cvea'.*'cvae'.*Known models: beta-cvae"):
+        zoo.create_model("cvea")
+
+
+def test_unknown_config_field_is_named():
+    with pytest.raises(ZooError, match="no field.*latnt_dim"):
+        zoo.create_model("vae", latnt_dim=3)
+
+
+def test_entry_point_plugin_is_discovered(isolated_registry, tmp_path, monkeypatch):
+    _plugin_module(tmp_path, monkeypatch, "tiny_plugin", TINY_PLUGIN)
+    _inject_entry_points(monkeypatch, ("tiny-plugin", "tiny_plugin:TinyPluginVAE"))
+    assert "tiny-plugin" in zoo.list_models()
+    model = zoo.create_model("tiny-plugin", image_size=16, base_channels=2, max_channels=4)
+    assert model.model_name == "tiny-plugin"
+    entry = next(e for e in registry.model_entries() if e.name == "tiny-plugin")
+    assert entry.source == "tiny_plugin:TinyPluginVAE"
+
+
+def test_broken_plugin_is_reported_and_harmless(isolated_registry, tmp_path, monkeypatch):
+    _plugin_module(tmp_path, monkeypatch, "raising_plugin", "raise RuntimeError('boom at import')")
+    _plugin_module(tmp_path, monkeypatch, "tiny_plugin", TINY_PLUGIN)
+    _inject_entry_points(
+        monkeypatch,
+        ("raising", "raising_plugin:Model"),
+        ("not-a-model", "json:dumps"),
+        ("tiny-plugin", "tiny_plugin:TinyPluginVAE"),
+    )
+    assert "tiny-plugin" in zoo.list_models()
+    broken = {plugin.name: plugin for plugin in registry.broken_plugins()}
+    assert set(broken) == {"raising", "not-a-model"}
+    assert "RuntimeError: boom at import" in broken["raising"].error
+    assert "not a zoo.GenerativeModel" in broken["not-a-model"].error
+    with pytest.raises(ZooError, match="plugin raising_plugin:Model, which failed to load"):
+        zoo.create_model("raising")
+
+
+def test_plugin_blocking_at_import_times_out(isolated_registry, tmp_path, monkeypatch):
+    _plugin_module(tmp_path, monkeypatch, "slow_plugin", "import time\ntime.sleep(30)\n")
+    _inject_entry_points(monkeypatch, ("slow", "slow_plugin:Model"))
+    monkeypatch.setattr(registry, "PLUGIN_IMPORT_TIMEOUT_S", 0.5)
+    assert "vae" in zoo.list_models()
+    assert "TimeoutError" in registry.broken_plugins()[0].error
+
+
+def test_name_clash_with_builtin_names_both_sources(isolated_registry, tmp_path, monkeypatch):
+    _plugin_module(tmp_path, monkeypatch, "tiny_plugin", TINY_PLUGIN)
+    _inject_entry_points(monkeypatch, ("cvae", "tiny_plugin:TinyPluginVAE"))
+    zoo.list_models()
+    [clash] = registry.broken_plugins()
+    assert "registered twice: by zoo" in clash.error
+    assert "tiny_plugin:TinyPluginVAE" in clash.error
+    assert zoo.create_model("cvae", num_attributes=2).conditional

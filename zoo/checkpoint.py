@@ -1,0 +1,269 @@
+"""Checkpoints as single safetensors files: weights plus the metadata to rebuild the model.
+
+Nothing here unpickles. The model is rebuilt from its registry name and config
+JSON stored in the file's metadata; the training state for `--resume`
+(optimizer moments, step, RNG) is a second safetensors file. Every write goes
+to a temporary file that is fsynced and renamed, so a crash mid-write leaves
+the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from zoo.errors import ZooError
+from zoo.model import GenerativeModel
+from zoo.registry import get_model_class
+
+FORMAT_VERSION = "1"
+FORMAT_KEY = "zoo.format"
+KIND_KEY = "zoo.kind"
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself, read from the header alone."""
+
+    path: Path
+    model_name: str
+    config: dict[str, Any]
+    attr_names: list[str] = field(default_factory=list)
+    attr_rates: list[float] = field(default_factory=list)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    source: str = "zoo"
+
+
+def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file so that readers only ever see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(
+            {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
+            str(temporary),
+            metadata=metadata,
+        )
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"checkpoint {path} does not exist; pass the model.safetensors of a run")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ZooError(
+            f"{path} is not a readable safetensors file ({reason}); "
+            "zoo checkpoints are the model.safetensors written by `zoo train`"
+        ) from None
+
+
+def _check_format(path: Path, metadata: dict[str, str], kind: str) -> None:
+    version = metadata.get(FORMAT_KEY)
+    if version is None:
+        raise ZooError(
+            f"{path} is a safetensors file but not a zoo {kind} (no {FORMAT_KEY} metadata); "
+            "use a file written by zoo"
+        )
+    if version != FORMAT_VERSION:
+        raise ZooError(
+            f"{path} has zoo format {version!r}, this zoo reads format {FORMAT_VERSION!r}; "
+            "use the zoo version that wrote it"
+        )
+    if metadata.get(KIND_KEY, kind) != kind:
+        raise ZooError(f"{path} is a zoo {metadata[KIND_KEY]}, not a {kind}")
+
+
+def _json(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise ZooError(f"{path}: metadata {key} is not valid JSON; the file is damaged") from None
+
+
+def save_checkpoint(
+    path: Path,
+    model: GenerativeModel,
+    *,
+    attr_names: list[str] | None = None,
+    attr_rates: list[float] | None = None,
+    preprocess: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    source: str = "zoo",
+) -> None:
+    """Save weights and everything needed to rebuild and use the model. Refuses NaN weights."""
+    state = model.state_dict()
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ZooError(f"refusing to save {path}: non-finite values in {', '.join(bad[:3])}")
+    metadata = {
+        FORMAT_KEY: FORMAT_VERSION,
+        KIND_KEY: "model",
+        "zoo.model": model.model_name,
+        "zoo.source": source,
+        "zoo.config": model.config.to_json(),
+        "zoo.attributes": json.dumps(attr_names or []),
+        "zoo.attribute_rates": json.dumps(attr_rates or []),
+        "zoo.preprocess": json.dumps(preprocess or {}),
+        "zoo.data": json.dumps(data or {}),
+        "zoo.training": json.dumps(training or {}),
+    }
+    atomic_save(path, state, metadata)
+
+
+def read_info(path: Path) -> CheckpointInfo:
+    """Read a checkpoint's metadata without loading its tensors."""
+    path = Path(path)
+    metadata = _read_header(path)
+    _check_format(path, metadata, "model")
+    if "zoo.model" not in metadata or "zoo.config" not in metadata:
+        raise ZooError(f"{path} lacks zoo.model or zoo.config metadata; the file is damaged")
+    return CheckpointInfo(
+        path=path,
+        model_name=metadata["zoo.model"],
+        config=_json(path, metadata, "zoo.config", {}),
+        attr_names=_json(path, metadata, "zoo.attributes", []),
+        attr_rates=_json(path, metadata, "zoo.attribute_rates", []),
+        preprocess=_json(path, metadata, "zoo.preprocess", {}),
+        data=_json(path, metadata, "zoo.data", {}),
+        training=_json(path, metadata, "zoo.training", {}),
+        source=metadata.get("zoo.source", "zoo"),
+    )
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
+    """Rebuild a model from a checkpoint file alone, in eval mode.
+
+    The returned model carries the file's metadata as ``model.checkpoint_info``.
+    """
+    info = read_info(Path(path))
+    model_class = get_model_class(info.model_name)
+    model = model_class(model_class.config_class.from_dict(info.config))
+    tensors = _read_tensors(info.path)
+    expected = model.state_dict()
+    problems = [
+        f"{label}: {', '.join(names[:3])}"
+        for label, names in (
+            ("missing", [name for name in expected if name not in tensors]),
+            ("unexpected", [name for name in tensors if name not in expected]),
+            (
+                "wrong shape",
+                [
+                    name
+                    for name, tensor in expected.items()
+                    if name in tensors and tensors[name].shape != tensor.shape
+                ],
+            ),
+        )
+        if names
+    ]
+    if problems:
+        raise ZooError(
+            f"{info.path}: tensors do not match the {info.model_name} config "
+            f"({'; '.join(problems)}); the file is damaged or was edited"
+        )
+    model.load_state_dict(tensors)
+    model.checkpoint_info = info
+    return model.to(device).eval()
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ZooError(
+            f"{path}: cannot read tensors ({reason}); the file is truncated or damaged"
+        ) from None
+
+
+# -- training state for --resume ----------------------------------------------------------------
+
+
+def save_train_state(
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    rng_state: dict[str, torch.Tensor],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Save optimizer moments, the step counter and RNG states without pickle."""
+    optimizer_state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in optimizer_state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    for name, state in rng_state.items():
+        tensors[f"rng.{name}"] = state
+    metadata = {
+        FORMAT_KEY: FORMAT_VERSION,
+        KIND_KEY: "training state",
+        "step": str(step),
+        "param_groups": json.dumps(optimizer_state["param_groups"]),
+        "optimizer_scalars": json.dumps(scalars),
+        "extra": json.dumps(extra or {}),
+    }
+    atomic_save(path, tensors, metadata)
+
+
+@dataclass
+class TrainState:
+    step: int
+    optimizer_state: dict[str, Any]
+    rng_state: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+
+
+def load_train_state(path: Path) -> TrainState:
+    """Read what `save_train_state` wrote, as an optimizer state dict ready to load."""
+    path = Path(path)
+    metadata = _read_header(path)
+    _check_format(path, metadata, "training state")
+    tensors = _read_tensors(path)
+    state: dict[int, dict[str, Any]] = {}
+    for index, values in _json(path, metadata, "optimizer_scalars", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    rng_state = {}
+    for name, tensor in tensors.items():
+        group, _, rest = name.partition(".")
+        if group == "optimizer":
+            index, _, key = rest.partition(".")
+            state.setdefault(int(index), {})[key] = tensor
+        elif group == "rng":
+            rng_state[rest] = tensor
+    return TrainState(
+        step=int(metadata.get("step", "0")),
+        optimizer_state={
+            "state": state,
+            "param_groups": _json(path, metadata, "param_groups", []),
+        },
+        rng_state=rng_state,
+        extra=_json(path, metadata, "extra", {}),
+    )

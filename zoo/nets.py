@@ -1,0 +1,89 @@
+"""Convolutional encoder and decoder backbones, sized from the image size.
+
+Each stage halves (or doubles) the resolution until a 4 x 4 map, so the depth
+follows the image size and widths grow from `base_channels` up to `max_channels`.
+GroupNorm rather than BatchNorm: outputs then do not depend on the batch, which
+keeps evaluation, distributed training and checkpoints free of running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zoo.errors import ZooError
+
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 512
+FINAL_MAP = 4
+
+
+def stage_channels(image_size: int, base_channels: int, max_channels: int) -> list[int]:
+    """Output width of each resolution-halving stage for an image of `image_size`."""
+    exponent = round(math.log2(image_size)) if image_size > 0 else -1
+    if 2**exponent != image_size or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ZooError(
+            f"image size {image_size} cannot be built: the conv backbone needs a power of two "
+            f"from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (for example 32, 64 or 128)"
+        )
+    if base_channels < 1 or max_channels < base_channels:
+        raise ZooError(
+            f"channel widths must satisfy 1 <= base_channels <= max_channels, "
+            f"got {base_channels} and {max_channels}"
+        )
+    num_stages = exponent - round(math.log2(FINAL_MAP))
+    return [min(base_channels * 2**i, max_channels) for i in range(num_stages)]
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class ConvEncoder(nn.Module):
+    """Image (plus optional extra input channels) -> flat feature vector."""
+
+    def __init__(self, in_channels: int, image_size: int, base_channels: int, max_channels: int):
+        super().__init__()
+        widths = stage_channels(image_size, base_channels, max_channels)
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for width in widths:
+            layers += [nn.Conv2d(previous, width, 4, stride=2, padding=1), _norm(width), nn.SiLU()]
+            previous = width
+        self.stages = nn.Sequential(*layers)
+        self.out_features = previous * FINAL_MAP * FINAL_MAP
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x).flatten(1)
+
+
+class ConvDecoder(nn.Module):
+    """Flat vector -> image logits, mirroring `ConvEncoder`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_channels: int,
+        image_size: int,
+        base_channels: int,
+        max_channels: int,
+    ):
+        super().__init__()
+        widths = stage_channels(image_size, base_channels, max_channels)[::-1]
+        self.start_channels = widths[0]
+        self.project = nn.Linear(in_features, widths[0] * FINAL_MAP * FINAL_MAP)
+        layers: list[nn.Module] = [_norm(widths[0]), nn.SiLU()]
+        for width, next_width in zip(widths, [*widths[1:], widths[-1]], strict=True):
+            layers += [
+                nn.ConvTranspose2d(width, next_width, 4, stride=2, padding=1),
+                _norm(next_width),
+                nn.SiLU(),
+            ]
+        layers.append(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
+        self.stages = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        start = self.project(h).view(-1, self.start_channels, FINAL_MAP, FINAL_MAP)
+        return self.stages(start)
