@@ -1,0 +1,70 @@
+"""Shared fixtures: an isolated cache per test and tiny CelebA-layout folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import encode_jpeg
+
+from zoo.data.cache import quiet_image_io
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own cache dir and no data settings from the developer's shell."""
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "zoo-cache"))
+    monkeypatch.delenv("ZOO_DATA", raising=False)
+    monkeypatch.delenv("ZOO_SYNTHETIC_N", raising=False)
+
+
+class TinyCelebA:
+    """Writes tiny CelebA-layout folders of solid-colour JPEGs whose labels tests can predict.
+
+    Image i has red channel ``red(i)`` and attribute row ``signs(i)`` (1/-1 for Smiling, Male,
+    Young); by default 6 images, partition 4 train / 1 valid / 1 test.
+    """
+
+    attributes = ("Smiling", "Male", "Young")
+    height, width = 44, 36  # CelebA's 218 x 178 aspect: crop side round(148 / 178 * 36) = 30
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    @staticmethod
+    def red(index: int) -> int:
+        return 30 + 35 * index
+
+    @staticmethod
+    def signs(index: int) -> list[int]:
+        return [1 if index % 2 else -1, 1 if index % 3 == 0 else -1, 1 if index < 3 else -1]
+
+    def __call__(
+        self,
+        name: str = "celeba",
+        partition: tuple[int, ...] = (0, 0, 0, 0, 1, 2),
+        newline: str = "\n",
+    ) -> Path:
+        root = self.base / name
+        (root / "img_align_celeba").mkdir(parents=True)
+        names = [f"{i + 1:06d}.jpg" for i in range(len(partition))]
+        for index, filename in enumerate(names):
+            image = torch.empty(3, self.height, self.width, dtype=torch.uint8)
+            image[0], image[1], image[2] = self.red(index), 90, 160
+            with quiet_image_io():
+                data = encode_jpeg(image, quality=95)
+            (root / "img_align_celeba" / filename).write_bytes(data.numpy().tobytes())
+        rows = [name + "".join(f" {v:2d}" for v in self.signs(i)) for i, name in enumerate(names)]
+        attr_lines = [str(len(names)), " ".join(self.attributes), *rows]
+        (root / "list_attr_celeba.txt").write_bytes((newline.join(attr_lines) + newline).encode())
+        part_lines = [f"{n} {code}" for n, code in zip(names, partition, strict=True)]
+        (root / "list_eval_partition.txt").write_bytes(
+            (newline.join(part_lines) + newline).encode()
+        )
+        return root
+
+
+@pytest.fixture
+def make_celeba(tmp_path: Path) -> TinyCelebA:
+    return TinyCelebA(tmp_path)

@@ -1,0 +1,296 @@
+"""The CelebA layout reader and the prepared cache: parsing, errors, odd images, reuse."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torchvision.io import encode_jpeg, encode_png
+
+from zoo.data import ImageData, Preprocess, cache, load_data, load_image_file
+from zoo.data.cache import quiet_image_io
+from zoo.errors import ZooError
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/celeba-sample"
+
+
+def write_image(path: Path, image: torch.Tensor, kind: str = "jpeg") -> None:
+    with quiet_image_io():
+        data = encode_jpeg(image, quality=95) if kind == "jpeg" else encode_png(image)
+    path.write_bytes(data.numpy().tobytes())
+
+
+def test_lf_and_crlf_label_files_parse_to_the_same_data(make_celeba):
+    lf = load_data(str(make_celeba("lf", newline="\n")), "all", 16, progress=False)
+    crlf = load_data(str(make_celeba("crlf", newline="\r\n")), "all", 16, progress=False)
+    assert lf.attr_names == crlf.attr_names == ["Smiling", "Male", "Young"]
+    assert lf.filenames == crlf.filenames
+    assert torch.equal(lf.attrs, crlf.attrs)
+    assert lf.fingerprint != crlf.fingerprint  # label bytes differ, so the content differs
+
+
+def test_rows_keep_their_image_and_labels_become_zero_one(make_celeba):
+    data = load_data(str(make_celeba()), "all", 16, progress=False)
+    assert data.filenames == [f"{i:06d}.jpg" for i in range(1, 7)]
+    assert data.images.shape == (6, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert data.attrs.dtype == torch.float32
+    for row, filename in enumerate(data.filenames):
+        index = int(filename[:6]) - 1
+        expected = [1.0 if sign > 0 else 0.0 for sign in make_celeba.signs(index)]
+        assert data.attrs[row].tolist() == expected
+        assert abs(data.images[row, 0].float().mean().item() - make_celeba.red(index)) < 4
+
+
+def test_splits_follow_the_partition_file(make_celeba):
+    root = str(make_celeba(partition=(1, 0, 2, 0, 1, 0)))
+    sizes = {
+        split: len(load_data(root, split, 16, progress=False))
+        for split in ("train", "valid", "test", "all")
+    }
+    assert sizes == {"train": 3, "valid": 2, "test": 1, "all": 6}
+    valid = load_data(root, "valid", 16, progress=False)
+    assert valid.filenames == ["000001.jpg", "000005.jpg"] and valid.split == "valid"
+
+
+def _replace_line(path: Path, number: int, new: str | None) -> None:
+    lines = path.read_text().splitlines()
+    if new is None:
+        del lines[number - 1]
+    else:
+        lines[number - 1] = new
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "new", "expected"),
+    [
+        ("list_attr_celeba.txt", 1, "7", "list_attr_celeba.txt line 1: says 7 images"),
+        ("list_attr_celeba.txt", 5, "000003.jpg  1 -1", "line 5: 000003.jpg has 2 values"),
+        ("list_attr_celeba.txt", 4, "000002.jpg  1  2 -1", "line 4: value '2' (Male)"),
+        ("list_attr_celeba.txt", 6, "000004.jpg  0  1 -1", "line 6: value '0' (Smiling)"),
+        ("list_eval_partition.txt", 2, "000002.jpg 3", "list_eval_partition.txt line 2"),
+        ("list_eval_partition.txt", 3, "000999.jpg 0", "line 3: 000999.jpg is not listed"),
+        ("list_eval_partition.txt", 6, None, "list_attr_celeba.txt line 8: 000006.jpg has no"),
+        ("list_attr_celeba.txt", 2, "Smiling Male Smiling", "attribute Smiling is listed twice"),
+    ],
+)
+def test_malformed_label_files_name_file_and_line(make_celeba, file, line, new, expected):
+    root = make_celeba()
+    _replace_line(root / file, line, new)
+    with pytest.raises(ZooError) as error:
+        load_data(str(root), "all", 16, progress=False)
+    message = str(error.value)
+    assert expected in message
+    assert str(root / file) in message and "\n" not in message
+
+
+def test_missing_and_corrupt_images_are_skipped_with_one_warning(make_celeba, caplog):
+    root = make_celeba()
+    (root / "img_align_celeba" / "000002.jpg").unlink()
+    (root / "img_align_celeba" / "000004.jpg").write_bytes(b"this is not an image")
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        data = load_data(str(root), "all", 16, progress=False)
+    assert data.filenames == ["000001.jpg", "000003.jpg", "000005.jpg", "000006.jpg"]
+    assert data.attrs[1].tolist() == [0.0, 0.0, 1.0]  # 000003.jpg keeps its own labels
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 2 of 6 images" in warnings[0]
+    assert "1 missing, 1 undecodable (first: 000002.jpg: no such file)" in warnings[0]
+
+
+def test_strict_mode_names_the_first_bad_image_whether_cached_or_not(make_celeba):
+    root = make_celeba()
+    (root / "img_align_celeba" / "000004.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(ZooError, match=r"000004\.jpg cannot be decoded"):
+        load_data(str(root), "all", 16, strict=True, progress=False)
+    assert not list((cache.cache_dir() / "prepared").iterdir())  # nothing half-built kept
+    assert len(load_data(str(root), "all", 16, progress=False)) == 5
+    with pytest.raises(ZooError, match=r"000004\.jpg is undecodable"):
+        load_data(str(root), "all", 16, strict=True, progress=False)
+
+
+def test_attribute_subset_in_the_order_asked(make_celeba):
+    data = load_data(str(make_celeba()), "all", 16, attributes=["Young", "Smiling"], progress=False)
+    assert data.attr_names == ["Young", "Smiling"]
+    assert data.attrs[:, 0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert data.attrs[:, 1].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_unknown_attribute_suggests_the_closest_name(make_celeba):
+    with pytest.raises(ZooError) as error:
+        load_data(str(make_celeba()), "all", 16, attributes=["Smilling"], progress=False)
+    assert "unknown attribute 'Smilling'" in str(error.value)
+    assert "did you mean 'Smiling'?" in str(error.value)
+    assert "Smiling, Male, Young" in str(error.value)
+
+
+def test_empty_split_says_which_splits_have_images(make_celeba):
+    root = make_celeba(partition=(0, 0, 0, 1, 1, 1))
+    with pytest.raises(
+        ZooError,
+        match=r"test split of .* is empty; splits with images: "
+        r"train \(3\), valid \(3\)",
+    ):
+        load_data(str(root), "test", 16, progress=False)
+    with pytest.raises(ZooError, match="unknown split 'validation'"):
+        load_data(str(root), "validation", 16, progress=False)
+
+
+def test_gray_rgba_png_and_odd_sized_images_become_rgb_faces(make_celeba):
+    root = make_celeba()
+    images = root / "img_align_celeba"
+    write_image(images / "000001.jpg", torch.full((1, 44, 36), 200, dtype=torch.uint8))
+    rgba = torch.zeros(44, 36, 4, dtype=torch.uint8)
+    rgba[..., 0], rgba[..., 3] = 250, 40
+    Image.fromarray(rgba.numpy(), "RGBA").save(images / "000002.jpg", format="PNG")
+    write_image(images / "000003.jpg", torch.full((3, 300, 120), 77, dtype=torch.uint8))
+    data = load_data(str(root), "all", 16, strict=True, progress=False)
+    assert data.images.shape == (6, 3, 16, 16)
+    gray, red, odd = (data.images[i].float() for i in range(3))
+    assert (gray - 200).abs().max() <= 2  # gray repeated into all three channels
+    assert red[0].min() == 250 and red[1:].max() == 0  # alpha dropped, colour kept
+    assert (odd - 77).abs().max() <= 2
+
+
+def test_crop_is_the_centre_148_square_of_a_celeba_frame(make_celeba):
+    frame = torch.zeros(3, 218, 178, dtype=torch.uint8)
+    frame[:, 35:183, 15:163] = 255  # exactly the centre 148 x 148 square
+    face = Preprocess(148, 148 / 178, 3).apply(frame)
+    assert face.shape == (3, 148, 148) and face.min() == 255
+    assert Preprocess(148, 150 / 178, 3).apply(frame).min() == 0  # a wider crop sees black
+    root = make_celeba()
+    write_image(root / "img_align_celeba" / "000001.jpg", frame, kind="png")  # lossless
+    data = load_data(str(root), "all", 64, progress=False)
+    assert data.images[0].min() == 255
+
+
+def test_second_load_reuses_the_cache_without_decoding(make_celeba, monkeypatch):
+    root = str(make_celeba())
+    first = load_data(root, "all", 16, progress=False)
+
+    def no_decoding(paths):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cache, "_decode_batch", no_decoding)
+    second = load_data(root, "train", 16, progress=False)
+    assert torch.equal(second.images, first.images[:4])
+    assert second.fingerprint == first.fingerprint
+
+
+def test_a_changed_source_is_prepared_again(make_celeba, monkeypatch):
+    root = make_celeba()
+    first = load_data(str(root), "all", 16, progress=False)
+    _replace_line(root / "list_attr_celeba.txt", 3, "000001.jpg  1  1  1")
+    decoded = []
+    original = cache._decode_batch
+    monkeypatch.setattr(
+        cache, "_decode_batch", lambda paths: decoded.extend(paths) or original(paths)
+    )
+    second = load_data(str(root), "all", 16, progress=False)
+    assert len(decoded) == 6
+    assert second.fingerprint != first.fingerprint
+    assert second.attrs[0].tolist() == [1.0, 1.0, 1.0]
+    assert len(list((cache.cache_dir() / "prepared").iterdir())) == 2
+
+
+def test_a_damaged_cache_is_rebuilt(make_celeba):
+    root = str(make_celeba())
+    expected = load_data(root, "all", 16, progress=False).images.clone()  # unmap before damage
+    (prepared,) = (cache.cache_dir() / "prepared").iterdir()
+    with (prepared / "images.u8").open("r+b") as images:
+        images.truncate(100)
+    again = load_data(root, "all", 16, progress=False)
+    assert torch.equal(again.images, expected)
+
+
+def test_batch_gives_floats_and_reproducible_flips():
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8)
+    attrs = (torch.arange(8) % 2).float().unsqueeze(1)
+    data = ImageData(
+        images,
+        attrs,
+        ["Smiling"],
+        [f"{i}.jpg" for i in range(8)],
+        "celeba",
+        "/x",
+        "train",
+        "ab" * 32,
+        Preprocess(4, 148 / 178, 3),
+    )
+    index = torch.tensor([5, 0, 3])
+    x, y = data.batch(index)
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 4, 4)
+    assert torch.equal(x, images[index].float() / 255) and torch.equal(y, attrs[index])
+    torch.manual_seed(0)
+    flipped, _ = data.batch(torch.arange(8), flip=True)
+    torch.manual_seed(0)
+    assert torch.equal(flipped, data.batch(torch.arange(8), flip=True)[0])
+    plain = images.float() / 255
+    mirrored = [torch.equal(flipped[i], plain[i].flip(-1)) for i in range(8)]
+    unchanged = [torch.equal(flipped[i], plain[i]) for i in range(8)]
+    assert all(m or u for m, u in zip(mirrored, unchanged, strict=True))
+    assert 0 < sum(mirrored) < 8
+    description = data.describe()
+    assert json.loads(json.dumps(description))["n"] == 8
+    assert description["preprocess"] == {"image_size": 4, "crop_fraction": 148 / 178, "channels": 3}
+
+
+def test_preprocess_round_trips_and_rejects_nonsense():
+    preprocess = Preprocess(64, 148 / 178, 3)
+    assert Preprocess.from_dict(json.loads(json.dumps(preprocess.to_dict()))) == preprocess
+    with pytest.raises(ZooError, match="malformed"):
+        Preprocess.from_dict({"image_size": 64})
+    with pytest.raises(ZooError, match="invalid preprocessing"):
+        Preprocess(1, 1.0, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels_in=st.sampled_from([1, 3, 4]),
+    height=st.integers(1, 90),
+    width=st.integers(1, 90),
+    channels=st.sampled_from([1, 3]),
+    size=st.integers(2, 40),
+    fraction=st.floats(0.05, 1.0),
+)
+def test_apply_always_gives_the_model_shape(channels_in, height, width, channels, size, fraction):
+    image = torch.randint(0, 256, (channels_in, height, width), dtype=torch.uint8)
+    out = Preprocess(size, fraction, channels).apply(image)
+    assert out.shape == (channels, size, size) and out.dtype == torch.uint8
+
+
+def test_load_image_file_reads_jpeg_and_png_and_rejects_junk(tmp_path):
+    frame = torch.zeros(3, 218, 178, dtype=torch.uint8)
+    frame[:, 35:183, 15:163] = 255
+    write_image(tmp_path / "face.png", frame, kind="png")
+    write_image(tmp_path / "face.jpg", frame)
+    preprocess = Preprocess(32, 148 / 178, 3)
+    png = load_image_file(tmp_path / "face.png", preprocess)
+    assert png.shape == (3, 32, 32) and png.dtype == torch.float32 and png.min() == 1.0
+    assert load_image_file(tmp_path / "face.jpg", preprocess).mean() > 0.97
+    assert load_image_file(tmp_path / "face.png", Preprocess(32, 1.0, 1)).shape == (1, 32, 32)
+    (tmp_path / "notes.jpg").write_text("hello")
+    with pytest.raises(ZooError, match=r"notes\.jpg is not a readable image .*JPEG or PNG"):
+        load_image_file(tmp_path / "notes.jpg", preprocess)
+    with pytest.raises(ZooError, match="cannot read image"):
+        load_image_file(tmp_path / "absent.png", preprocess)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real CelebA sample not found at {SAMPLE}")
+def test_real_celeba_sample_valid_split():
+    data = load_data(str(SAMPLE), "valid", 64, progress=False)
+    assert len(data) == 780 and len(data.attr_names) == 40
+    assert data.attr_names[0] == "5_o_Clock_Shadow" and data.attr_names[-1] == "Young"
+    assert data.images.shape == (780, 3, 64, 64) and data.images.dtype == torch.uint8
+    assert data.name == "celeba" and len(data.fingerprint) == 64
+    assert set(data.attrs.unique().tolist()) == {0.0, 1.0}
+    assert 0.15 < data.images.float().mean().item() / 255 < 0.85  # real pixels, not zeros
+    with pytest.raises(ZooError, match="splits with images: train \\(4560\\), valid \\(780\\)"):
+        load_data(str(SAMPLE), "test", 64, progress=False)

@@ -1,0 +1,123 @@
+"""Where data comes from: --data, then $ZOO_DATA, then ./data/celeba, then synthetic faces."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from zoo.data import cache_dir, load_data, resolve_source, synth
+from zoo.errors import ZooError
+
+
+def warnings_in(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_spec_beats_environment_which_beats_the_default_folder(make_celeba, tmp_path, monkeypatch):
+    explicit, from_env = make_celeba("explicit"), make_celeba("env")
+    default = make_celeba("work/data/celeba")
+    monkeypatch.chdir(tmp_path / "work")
+    assert resolve_source(None) == ("celeba", default.resolve())
+    monkeypatch.setenv("ZOO_DATA", str(from_env))
+    assert resolve_source(None) == ("celeba", from_env.resolve())
+    assert resolve_source(str(explicit)) == ("celeba", explicit.resolve())
+    monkeypatch.setenv("ZOO_DATA", "mnist:" + str(tmp_path))
+    (tmp_path / "t10k-images-idx3-ubyte.gz").touch()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").touch()
+    assert resolve_source(None) == ("mnist", tmp_path.resolve())
+
+
+@pytest.mark.parametrize(
+    ("remove", "expected"),
+    [
+        ("list_attr_celeba.txt", "is not a CelebA folder: list_attr_celeba.txt is missing"),
+        ("list_eval_partition.txt", "list_eval_partition.txt is missing"),
+        ("img_align_celeba", "img_align_celeba/ is missing"),
+    ],
+)
+def test_an_explicit_folder_that_is_not_celeba_is_an_error(make_celeba, remove, expected):
+    root = make_celeba()
+    target = root / remove
+    if target.is_dir():
+        for child in target.iterdir():
+            child.unlink()
+        target.rmdir()
+    else:
+        target.unlink()
+    with pytest.raises(ZooError) as error:
+        resolve_source(str(root))
+    message = str(error.value)
+    assert expected in message and "--data" in message and "synthetic faces" in message
+    assert "\n" not in message
+
+
+def test_an_explicit_folder_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(ZooError, match=r"nowhere does not exist; point --data"):
+        resolve_source(None)
+    with pytest.raises(ZooError, match="needs a folder"):
+        resolve_source("mnist:")
+
+
+def test_a_zipped_image_folder_gets_a_hint(make_celeba):
+    root = make_celeba()
+    for child in (root / "img_align_celeba").iterdir():
+        child.unlink()
+    (root / "img_align_celeba").rmdir()
+    (root / "img_align_celeba.zip").touch()
+    with pytest.raises(ZooError, match="unzip img_align_celeba.zip there first"):
+        resolve_source(str(root))
+
+
+def test_without_any_celeba_synthetic_faces_are_made_once_and_announced_once(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZOO_SYNTHETIC_N", "20")
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        kind, folder = resolve_source(None, progress=False)
+    assert kind == "celeba"
+    assert folder == cache_dir() / "synthetic-faces-v1-n20-s64-seed0"
+    assert len(list((folder / "img_align_celeba").iterdir())) == 20
+    (warning,) = warnings_in(caplog)
+    assert "no CelebA found" in warning and "synthetic faces" in warning
+    assert "--data DIR" in warning and "ZOO_DATA" in warning
+
+    def no_drawing(*args):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(synth, "render_faces", no_drawing)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        data = load_data(None, "train", 32, progress=False)
+    assert data.name == "synthetic-faces" and len(data) == 16
+    assert warnings_in(caplog) == []
+    assert not [p.name for p in cache_dir().iterdir() if p.name.startswith(".")]
+
+
+def test_an_incomplete_default_folder_falls_back_naming_what_is_missing(
+    make_celeba, tmp_path, monkeypatch, caplog
+):
+    default = make_celeba("work/data/celeba")
+    (default / "list_eval_partition.txt").unlink()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("ZOO_SYNTHETIC_N", "10")
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        assert resolve_source(None, progress=False)[1].name.startswith("synthetic-faces")
+    (warning,) = warnings_in(caplog)
+    assert "has no list_eval_partition.txt" in warning
+    monkeypatch.setenv("ZOO_SYNTHETIC_N", "5")
+    with pytest.raises(ZooError, match="ZOO_SYNTHETIC_N='5' must be a whole number >= 10"):
+        resolve_source(None)
+
+
+def test_cache_dir_order(monkeypatch, tmp_path):
+    assert cache_dir() == (tmp_path / "zoo-cache").resolve()
+    monkeypatch.delenv("ZOO_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == (tmp_path / "xdg" / "zoo").resolve()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == Path(tmp_path / "home" / ".cache" / "zoo")

@@ -1,0 +1,307 @@
+"""Datasets as uint8 tensors with 0/1 attribute labels, from CelebA, synthetic faces or MNIST.
+
+``load_data`` is the one entry point the trainer, benchmarks and CLI use: it resolves where the
+data lives, prepares (once) a memory-mapped cache and returns an ``ImageData`` whose batches
+are float images in [0, 1]. The submodules are leaves; this module assembles them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.io import ImageReadMode
+from torchvision.transforms.v2.functional import resize, rgb_to_grayscale
+
+from zoo.data import cache, celeba, mnist, synth
+from zoo.data.cache import cache_dir
+from zoo.errors import ZooError
+
+__all__ = [
+    "ImageData",
+    "Preprocess",
+    "cache_dir",
+    "load_data",
+    "load_image_file",
+    "resolve_source",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test", "all")
+DEFAULT_CELEBA = Path("data") / "celeba"
+SYNTHETIC_COUNT = 12_000
+SYNTHETIC_SIZE = 64
+# commands resolve the source more than once (e.g. the trainer, then load_data): warn once
+_announced_fallbacks: set[Path] = set()
+
+
+@dataclass
+class Preprocess:
+    """How a raw image becomes a model input; stored in checkpoints so user photos get the same
+    treatment as the training data."""
+
+    image_size: int
+    crop_fraction: float
+    channels: int
+
+    def __post_init__(self) -> None:
+        # size 1 is no image, and torch's uint8 antialiased resize fails on 1x1 RGB output
+        if self.image_size < 2 or not 0 < self.crop_fraction <= 1 or self.channels not in (1, 3):
+            raise ZooError(
+                f"invalid preprocessing {self.to_dict()}: need image_size >= 2, "
+                "0 < crop_fraction <= 1 and channels 1 or 3"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image_size": self.image_size,
+            "crop_fraction": self.crop_fraction,
+            "channels": self.channels,
+        }
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> Preprocess:
+        """Rebuild from ``to_dict`` output (e.g. checkpoint metadata); ZooError if malformed."""
+        try:
+            return cls(
+                image_size=int(settings["image_size"]),
+                crop_fraction=float(settings["crop_fraction"]),
+                channels=int(settings["channels"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ZooError(
+                f"preprocessing settings {settings!r} are malformed ({error!r}); "
+                "the checkpoint or cache was not written by this version of zoo"
+            ) from None
+
+    def apply(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., C, H, W) -> uint8 (..., channels, S, S): fix channels, centre-crop, resize.
+
+        Alpha is dropped, gray is repeated to RGB, RGB becomes luminance for 1-channel models.
+        """
+        if image.shape[-3] in (2, 4):
+            image = image[..., : image.shape[-3] - 1, :, :]
+        if image.shape[-3] == 1 and self.channels == 3:
+            image = image.expand(*image.shape[:-3], 3, *image.shape[-2:])
+        elif image.shape[-3] == 3 and self.channels == 1:
+            image = rgb_to_grayscale(image)
+        height, width = image.shape[-2:]
+        top, left, side = celeba.crop_box(height, width, self.crop_fraction)
+        image = image[..., top : top + side, left : left + side]
+        if side != self.image_size:
+            image = resize(image, [self.image_size, self.image_size], antialias=True)
+        return image.contiguous()
+
+
+@dataclass
+class ImageData:
+    """A split of a dataset as tensors; batches are gathered by index, no per-item Python."""
+
+    images: torch.Tensor = field(repr=False)  # uint8 N x C x H x W, maybe memory-mapped
+    attrs: torch.Tensor = field(repr=False)  # float32 N x A, exactly 0.0 / 1.0
+    attr_names: list[str]
+    filenames: list[str] = field(repr=False)
+    name: str
+    root: str
+    split: str
+    fingerprint: str
+    preprocess: Preprocess
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(
+        self, index: torch.Tensor, device: torch.device | str | None = None, flip: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float images in [0, 1] and attributes for ``index``.
+
+        ``flip`` mirrors each image with probability 0.5 using torch's global RNG, so training
+        stays reproducible under ``torch.manual_seed``. Conversion to float happens after the
+        transfer, so a GPU receives a quarter of the bytes.
+        """
+        images = self.images[index]
+        if flip:
+            mirrored = torch.rand(images.shape[0]) < 0.5
+            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        attrs = self.attrs[index]
+        if device is not None:
+            images = images.to(device, non_blocking=True)
+            attrs = attrs.to(device, non_blocking=True)
+        return images.float().div_(255), attrs
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable identity of the data, for run configs and benchmark reports."""
+        return {
+            "name": self.name,
+            "root": self.root,
+            "split": self.split,
+            "fingerprint": self.fingerprint,
+            "n": len(self),
+            "attr_names": list(self.attr_names),
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+def resolve_source(spec: str | None, *, progress: bool = True) -> tuple[str, Path]:
+    """Where the data lives: ``spec`` (--data), else $ZOO_DATA, else ./data/celeba, else the
+    built-in synthetic faces (generated once into the cache dir).
+
+    Returns ("mnist", dir) for ``mnist:DIR`` and ("celeba", dir) for any CelebA-layout folder.
+    A folder named explicitly that is not usable is a ZooError, never a silent fallback.
+    """
+    given = spec or os.environ.get("ZOO_DATA") or None
+    if given is not None:
+        if given.startswith("mnist:"):
+            if given == "mnist:":
+                raise ZooError("--data mnist: needs a folder, e.g. --data mnist:data/mnist")
+            folder = Path(given.removeprefix("mnist:")).expanduser().resolve()
+            mnist.require_folder(folder)
+            return "mnist", folder
+        folder = Path(given).expanduser().resolve()
+        celeba.require_layout(folder)
+        return "celeba", folder
+
+    default = DEFAULT_CELEBA.resolve()
+    missing = celeba.missing_parts(default)
+    if not missing:
+        return "celeba", default
+    return "celeba", _synthetic_fallback(default, missing, progress=progress)
+
+
+def load_data(
+    spec: str | None = None,
+    split: str = "train",
+    image_size: int = 64,
+    *,
+    attributes: list[str] | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> ImageData:
+    """Load one split of the resolved source at ``image_size``, optionally a subset of
+    attributes. CelebA-layout sources go through the prepared cache (built on first use)."""
+    if split not in SPLITS:
+        raise ZooError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    kind, root = resolve_source(spec, progress=progress)
+    if kind == "mnist":
+        return _load_mnist(root, split, image_size, attributes)
+
+    preprocess = Preprocess(image_size, celeba.CELEBA_CROP, 3)
+    prepared_dir = cache.prepare(root, preprocess, strict=strict, progress=progress)
+    prepared = cache.load_prepared(prepared_dir)
+    start, stop = prepared.splits[split]
+    if start == stop:
+        _raise_empty_split(root, split, prepared.splits)
+    attrs, attr_names = _select_attributes(
+        prepared.attrs[start:stop], prepared.attr_names, attributes, root
+    )
+    return ImageData(
+        images=prepared.images[start:stop],
+        attrs=attrs,
+        attr_names=attr_names,
+        filenames=prepared.filenames[start:stop],
+        name=prepared.name,
+        root=str(root),
+        split=split,
+        fingerprint=prepared.fingerprint,
+        preprocess=preprocess,
+    )
+
+
+def load_image_file(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
+    """A user's JPEG or PNG as float C x S x S in [0, 1], preprocessed like the training data."""
+    path = Path(path).expanduser()
+    try:
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    except OSError as error:
+        raise ZooError(f"cannot read image {path}: {error.strerror}; check the path") from None
+    mode = ImageReadMode.RGB if preprocess.channels == 3 else ImageReadMode.GRAY
+    try:
+        image = cache.decode_file_bytes(data, mode)
+    except RuntimeError as error:
+        raise ZooError(
+            f"{path} is not a readable image ({cache.error_text(error)}); use a JPEG or PNG file"
+        ) from None
+    return preprocess.apply(image).float().div_(255)
+
+
+def _synthetic_fallback(default: Path, missing: list[str], *, progress: bool) -> Path:
+    """Generate (once) and announce (once per process) the built-in synthetic faces."""
+    count_text = os.environ.get("ZOO_SYNTHETIC_N", str(SYNTHETIC_COUNT))
+    if not count_text.isdigit() or int(count_text) < 10:
+        raise ZooError(f"ZOO_SYNTHETIC_N={count_text!r} must be a whole number >= 10")
+    count = int(count_text)
+    folder = cache_dir() / f"synthetic-faces-v{synth.VERSION}-n{count}-s{SYNTHETIC_SIZE}-seed0"
+    synth.write_synthetic(folder, count, SYNTHETIC_SIZE, 0, progress=progress)
+    if folder not in _announced_fallbacks:
+        _announced_fallbacks.add(folder)
+        reason = "does not exist" if not default.exists() else f"has no {missing[0]}"
+        logger.warning(
+            "no CelebA found (%s %s): using %d built-in synthetic faces from %s; "
+            "pass --data DIR or set ZOO_DATA to a CelebA folder for real faces",
+            default,
+            reason,
+            count,
+            folder,
+        )
+    return folder
+
+
+def _load_mnist(root: Path, split: str, image_size: int, attributes: list[str] | None) -> ImageData:
+    """MNIST in memory (small), resized once; labels as one-hot attributes "0".."9"."""
+    digits = mnist.load(root, split)
+    preprocess = Preprocess(image_size, 1.0, 1)
+    attrs, attr_names = _select_attributes(
+        torch.nn.functional.one_hot(digits.labels, 10).to(torch.int8),
+        [str(digit) for digit in range(10)],
+        attributes,
+        root,
+    )
+    return ImageData(
+        images=preprocess.apply(digits.images),
+        attrs=attrs,
+        attr_names=attr_names,
+        filenames=digits.filenames,
+        name="mnist",
+        root=str(root),
+        split=split,
+        fingerprint=digits.fingerprint,
+        preprocess=preprocess,
+    )
+
+
+def _select_attributes(
+    attrs: torch.Tensor, names: list[str], wanted: list[str] | None, root: Path
+) -> tuple[torch.Tensor, list[str]]:
+    """float 0/1 attributes restricted to ``wanted`` (in that order); ZooError on unknown names."""
+    if wanted is None:
+        return attrs.float(), list(names)
+    columns = []
+    for attribute in wanted:
+        if attribute not in names:
+            close = difflib.get_close_matches(attribute, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ZooError(
+                f"unknown attribute {attribute!r} in {root}{hint}; valid names: " + ", ".join(names)
+            )
+        columns.append(names.index(attribute))
+    if len(set(columns)) != len(columns):
+        raise ZooError(f"attributes {wanted} name one attribute twice; list each once")
+    return attrs[:, columns].float(), list(wanted)
+
+
+def _raise_empty_split(root: Path, split: str, splits: dict[str, tuple[int, int]]) -> None:
+    available = [
+        f"{name} ({stop - start})"
+        for name, (start, stop) in splits.items()
+        if name != "all" and stop > start
+    ]
+    raise ZooError(
+        f"the {split} split of {root} is empty; splits with images: "
+        + (", ".join(available) or "none (every image was skipped)")
+    )

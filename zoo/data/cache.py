@@ -1,0 +1,384 @@
+"""The prepared cache: every image of a source decoded once into one memory-mapped uint8 file.
+
+Training and benchmarks index this tensor directly, so an epoch decodes no JPEG. A cache
+directory is keyed by the source fingerprint (content, not mtimes), image size and crop; it is
+built in a temp dir and renamed into place, so a crash or a concurrent build never leaves a
+half-written cache that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from safetensors.torch import load_file, save_file
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+from torchvision.transforms.v2.functional import to_dtype
+
+from zoo.data import celeba
+from zoo.errors import ZooError
+
+if TYPE_CHECKING:
+    from zoo.data import Preprocess
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DECODE_BATCH = 256
+IMAGES_FILE = "images.u8"
+LABELS_FILE = "labels.safetensors"
+INDEX_FILE = "index.json"
+
+
+@dataclass
+class Prepared:
+    """A loaded cache: rows ordered train, valid, test so each split is a zero-copy slice."""
+
+    name: str  # "celeba" | "synthetic-faces"
+    fingerprint: str  # of the source folder's content
+    images: torch.Tensor  # uint8 N x C x S x S, memory-mapped
+    attrs: torch.Tensor  # int8 N x A, 0 / 1
+    filenames: list[str]
+    attr_names: list[str]
+    splits: dict[str, tuple[int, int]]  # split -> [start, stop) rows
+
+
+def cache_dir() -> Path:
+    """$ZOO_CACHE_DIR, else $XDG_CACHE_HOME/zoo, else ~/.cache/zoo."""
+    if os.environ.get("ZOO_CACHE_DIR"):
+        return Path(os.environ["ZOO_CACHE_DIR"]).expanduser().resolve()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser().resolve() / "zoo"
+    return Path.home() / ".cache" / "zoo"
+
+
+def prepare(
+    root: str | Path, preprocess: Preprocess, *, strict: bool = False, progress: bool = True
+) -> Path:
+    """Decode every image of the CelebA-layout folder ``root`` once; return the cache dir.
+
+    Returns at once when a complete cache for this content and preprocessing exists. Images
+    that are missing or undecodable are left out and reported in one warning, or with
+    ``strict`` the first one is a ZooError.
+    """
+    root = Path(root).resolve()
+    celeba.require_layout(root)
+    image_sizes = celeba.scan_images(root)
+    source_fingerprint = celeba.fingerprint(root, image_sizes)
+    name = celeba.dataset_name(root)
+    target = (
+        cache_dir() / "prepared" / f"{name}-{source_fingerprint[:16]}-{preprocess.image_size}px"
+        f"-c{preprocess.crop_fraction:.4f}"
+    )
+    index = _complete_index(target, source_fingerprint, preprocess)
+    if index is None:
+        index = _build(
+            root,
+            name,
+            image_sizes,
+            source_fingerprint,
+            preprocess,
+            target,
+            strict=strict,
+            progress=progress,
+        )
+    else:
+        logger.debug("reusing prepared cache %s", target)
+    _report_skipped(root, index, strict=strict)
+    return target
+
+
+def load_prepared(path: Path) -> Prepared:
+    """Open a cache made by ``prepare``; the image tensor is memory-mapped, not read."""
+    index = json.loads((path / INDEX_FILE).read_text())
+    shape = index["shape"]
+    count = int(np.prod(shape))
+    images = (
+        torch.from_file(str(path / IMAGES_FILE), shared=False, size=count, dtype=torch.uint8)
+        if count
+        else torch.empty(0, dtype=torch.uint8)
+    ).view(*shape)
+    labels = load_file(path / LABELS_FILE)
+    return Prepared(
+        name=index["name"],
+        fingerprint=index["fingerprint"],
+        images=images,
+        attrs=labels["attrs"],
+        filenames=index["filenames"],
+        attr_names=index["attr_names"],
+        splits={split: (start, stop) for split, (start, stop) in index["splits"].items()},
+    )
+
+
+def decode_file_bytes(data: torch.Tensor, mode: ImageReadMode) -> torch.Tensor:
+    """Decode one JPEG/PNG (any content, whatever the extension) to uint8 C x H x W."""
+    with quiet_image_io():
+        image = decode_image(data, mode=mode, apply_exif_orientation=True)
+    return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+
+
+def error_text(error: Exception) -> str:
+    """The useful part of a torchvision I/O error: first line, no C++ source location."""
+    first_line = next(iter(str(error).splitlines()), type(error).__name__)
+    return re.sub(r"^.*?\.cpp:\d+, ", "", first_line)
+
+
+@contextmanager
+def quiet_image_io() -> Iterator[None]:
+    """Silence torchvision 0.29's per-call deprecation warning for its image codecs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="The image decoding and encoding", category=DeprecationWarning
+        )
+        yield
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second, which is the number a user compares between machines."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
+
+
+@contextmanager
+def image_progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (stdout stays clean for tables); yields ``advance(n)``."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda done: bar.advance(task, done)
+
+
+def _complete_index(target: Path, source_fingerprint: str, preprocess: Preprocess) -> dict | None:
+    """The index of a usable cache at ``target``, or None if absent, stale or damaged."""
+    try:
+        index = json.loads((target / INDEX_FILE).read_text())
+        size = (target / IMAGES_FILE).stat().st_size
+        usable = (
+            index["format"] == FORMAT_VERSION
+            and index["fingerprint"] == source_fingerprint
+            and index["preprocess"] == preprocess.to_dict()
+            and size == int(np.prod(index["shape"]))
+            and (target / LABELS_FILE).is_file()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return index if usable else None
+
+
+def _build(
+    root: Path,
+    name: str,
+    image_sizes: dict[str, int],
+    source_fingerprint: str,
+    preprocess: Preprocess,
+    target: Path,
+    *,
+    strict: bool,
+    progress: bool,
+) -> dict:
+    """Decode, crop and resize every listed image into a fresh cache dir; return its index."""
+    labels = celeba.read_labels(root)
+    order = np.argsort(labels.partition, kind="stable")  # train, valid, test: contiguous splits
+    skipped: list[dict[str, str]] = []
+    present: list[int] = []
+    for row in order.tolist():
+        filename = labels.filenames[row]
+        if filename in image_sizes:
+            present.append(row)
+            continue
+        if strict:
+            raise ZooError(
+                f"{root / celeba.IMAGE_DIR / filename} is listed in {celeba.ATTR_FILE} but "
+                "missing; restore it, or load without strict to skip bad images"
+            )
+        skipped.append({"file": filename, "reason": "missing", "detail": "no such file"})
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        kept = _decode_all(
+            root,
+            labels.filenames,
+            present,
+            preprocess,
+            workdir / IMAGES_FILE,
+            skipped,
+            strict=strict,
+            progress=progress,
+        )
+        kept_codes = labels.partition[kept]
+        bounds = np.searchsorted(kept_codes, [0, 1, 2, 3]).tolist()
+        index = {
+            "format": FORMAT_VERSION,
+            "name": name,
+            "source": str(root),
+            "fingerprint": source_fingerprint,
+            "preprocess": preprocess.to_dict(),
+            "shape": [len(kept), preprocess.channels, preprocess.image_size, preprocess.image_size],
+            "attr_names": labels.attr_names,
+            "filenames": [labels.filenames[row] for row in kept],
+            "splits": {
+                split: [bounds[code], bounds[code + 1]]
+                for split, code in celeba.SPLIT_CODES.items()
+            }
+            | {"all": [0, len(kept)]},
+            "skipped": skipped,
+        }
+        attrs = torch.from_numpy((labels.signs[kept] > 0).astype(np.int8))
+        save_file(
+            {"attrs": attrs, "partition": torch.from_numpy(kept_codes)}, workdir / LABELS_FILE
+        )
+        (workdir / INDEX_FILE).write_text(json.dumps(index))
+        _move_into_place(workdir, target)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    logger.info("prepared %d images of %s into %s", len(kept), root, target)
+    return index
+
+
+def _decode_all(
+    root: Path,
+    filenames: list[str],
+    rows: list[int],
+    preprocess: Preprocess,
+    out_path: Path,
+    skipped: list[dict[str, str]],
+    *,
+    strict: bool,
+    progress: bool,
+) -> list[int]:
+    """Stream decoded, preprocessed batches into ``out_path``; return the rows that made it."""
+    kept: list[int] = []
+    with (
+        out_path.open("wb") as out,
+        image_progress(
+            f"preparing {root.name} at {preprocess.image_size}px", len(rows), progress
+        ) as advance,
+    ):
+        for start in range(0, len(rows), DECODE_BATCH):
+            batch_rows = rows[start : start + DECODE_BATCH]
+            paths = [root / celeba.IMAGE_DIR / filenames[row] for row in batch_rows]
+            images: list[torch.Tensor] = []
+            for row, path, result in zip(batch_rows, paths, _decode_batch(paths), strict=True):
+                if isinstance(result, torch.Tensor):
+                    kept.append(row)
+                    images.append(result)
+                elif strict:
+                    raise ZooError(
+                        f"{path} cannot be decoded ({result}); replace it, "
+                        "or load without strict to skip bad images"
+                    )
+                else:
+                    skipped.append(
+                        {"file": filenames[row], "reason": "undecodable", "detail": result}
+                    )
+            if images:
+                out.write(_preprocess_many(images, preprocess).numpy().tobytes())
+            advance(len(batch_rows))
+    return kept
+
+
+def _decode_batch(paths: list[Path]) -> list[torch.Tensor | str]:
+    """Decode JPEGs as one list call; if any file is odd, retry one by one with any format."""
+    with quiet_image_io():
+        datas = [_read_or_empty(path) for path in paths]
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB))
+        except RuntimeError:
+            pass  # at least one file is not a plain JPEG: find which, decode the rest
+        results: list[torch.Tensor | str] = []
+        for data in datas:
+            try:
+                results.append(decode_file_bytes(data, ImageReadMode.RGB))
+            except RuntimeError as error:
+                results.append(error_text(error) if data.numel() else "empty or unreadable file")
+        return results
+
+
+def _read_or_empty(path: Path) -> torch.Tensor:
+    """The file's bytes, or an empty tensor if it vanished or is unreadable (then skipped)."""
+    try:
+        return read_file(str(path))
+    except RuntimeError as error:
+        logger.debug("cannot read %s: %s", path, error)
+        return torch.empty(0, dtype=torch.uint8)
+
+
+def _preprocess_many(images: list[torch.Tensor], preprocess: Preprocess) -> torch.Tensor:
+    """Crop and resize a batch, stacking same-sized images so each size is one resize call."""
+    size = preprocess.image_size
+    out = torch.empty(len(images), preprocess.channels, size, size, dtype=torch.uint8)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(position)
+    for positions in groups.values():
+        out[positions] = preprocess.apply(torch.stack([images[i] for i in positions]))
+    return out
+
+
+def _move_into_place(workdir: Path, target: Path) -> None:
+    """Atomic rename; a stale cache is replaced, a concurrent identical build wins quietly."""
+    if target.exists():
+        shutil.rmtree(target)
+    try:
+        os.replace(workdir, target)
+    except OSError:
+        if not (target / INDEX_FILE).is_file():
+            raise
+        logger.debug("another process prepared %s first", target)
+
+
+def _report_skipped(root: Path, index: dict, *, strict: bool) -> None:
+    """One warning for all images left out (or, when strict, a ZooError for the first)."""
+    skipped = index["skipped"]
+    if not skipped:
+        return
+    first = skipped[0]
+    if strict:
+        raise ZooError(
+            f"{root / celeba.IMAGE_DIR / first['file']} is {first['reason']} "
+            f"({first['detail']}); restore it, or load without strict to skip bad images"
+        )
+    missing = sum(entry["reason"] == "missing" for entry in skipped)
+    total = len(skipped) + index["shape"][0]
+    logger.warning(
+        "skipped %d of %d images in %s: %d missing, %d undecodable (first: %s: %s)",
+        len(skipped),
+        total,
+        root / celeba.IMAGE_DIR,
+        missing,
+        len(skipped) - missing,
+        first["file"],
+        first["detail"],
+    )
