@@ -1,0 +1,456 @@
+"""The trainer: one short loop (in the spirit of nanoGPT) around `model.loss`.
+
+A run lives in ``runs/<model>-<time>/``: the resolved settings (``config.json``),
+a JSON-lines metrics log, PNG sample grids, ``model.safetensors`` and
+``train_state.safetensors`` for ``--resume``. Data order is a function of
+(seed, epoch) and the RNG state is saved with the optimizer, so a resumed run
+continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+import zoo
+from zoo.checkpoint import load_train_state, read_info, save_checkpoint, save_train_state
+from zoo.data import ImageData, load_data, resolve_source
+from zoo.device import autocast, pick_device, resolve_precision
+from zoo.errors import ZooError
+from zoo.model import GenerativeModel
+from zoo.registry import create_model, get_model_class, model_entries
+from zoo.samples import training_grid
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.safetensors"
+SETTINGS_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run; saved as ``config.json`` in the run."""
+
+    model: str
+    model_config: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    split: str = "train"
+    image_size: int | None = None
+    attributes: list[str] | None = None
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    out: str = "runs"
+    sample_every: int | None = None
+    save_every: int = 1000
+    log_every: int = 25
+    kl_warmup_steps: int = 0
+    flip: bool = True
+    strict: bool = False
+    on_nan: str = "stop"
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ZooError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ZooError("--max-steps must be at least 1")
+        if self.lr <= 0:
+            raise ZooError("--lr must be positive")
+        if self.on_nan not in ("stop", "skip"):
+            raise ZooError(f"--on-nan must be stop or skip, got {self.on_nan!r}")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    interrupted: bool
+    summary: dict[str, Any]
+
+
+def _epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch, a pure function of (seed, epoch) so resume replays it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _new_run_dir(out: Path, model_name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = out / f"{model_name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = out / f"{model_name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _source_of(model_name: str) -> str:
+    return next((e.source for e in model_entries() if e.name == model_name), "zoo")
+
+
+def load_training_data(settings: TrainSettings, *, progress: bool = True) -> ImageData:
+    kind, _ = resolve_source(settings.data)
+    image_size = settings.image_size or (32 if kind == "mnist" else 64)
+    return load_data(
+        settings.data,
+        settings.split,
+        image_size,
+        attributes=settings.attributes,
+        strict=settings.strict,
+        progress=progress,
+    )
+
+
+def build_model(settings: TrainSettings, data: ImageData) -> GenerativeModel:
+    """Create the model with its image geometry and attribute count taken from the data."""
+    model_class = get_model_class(settings.model)
+    config = dict(settings.model_config)
+    config["image_size"] = data.preprocess.image_size
+    config["channels"] = data.preprocess.channels
+    if model_class.conditional:
+        config["num_attributes"] = len(data.attr_names)
+    return create_model(settings.model, **config)
+
+
+class _Window:
+    """Loss sums and throughput since the last log line, kept on the device between logs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.steps = 0
+        self.images = 0
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
+        self.sums += torch.stack([losses[k].detach().float() for k in ("loss", "recon", "kl")])
+        self.steps += 1
+        self.images += images
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def rate(self) -> float:
+        return self.images / max(self.elapsed(), 1e-9)
+
+    def means(self) -> dict[str, float]:
+        loss, recon, kl = (self.sums / self.steps).tolist()
+        return {"loss": loss, "recon": recon, "kl": kl}
+
+
+class Trainer:
+    """Holds the state of one run; `run()` trains until the step budget, an error or Ctrl-C."""
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        *,
+        resume: Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        settings.validate()
+        self.settings = settings
+        self.show_progress = progress
+        self.device = pick_device(settings.device)
+        self.precision = resolve_precision(self.device, settings.precision)
+        self.data = load_training_data(settings, progress=progress)
+        if len(self.data) == 0:
+            raise ZooError(f"split {settings.split!r} of {self.data.root} has no images")
+        torch.manual_seed(settings.seed)
+        self.model = build_model(settings, self.data).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+        self.steps_per_epoch = math.ceil(len(self.data) / settings.batch_size)
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        if settings.max_steps is not None:
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        self.step = 0
+        self.wall_time = 0.0
+        self.images_seen = 0
+        self.last_rate = 0.0
+        self.last_losses: dict[str, float] = {}
+        self.last_saved_step = 0
+        if resume is None:
+            self.run_dir = _new_run_dir(Path(settings.out), settings.model)
+        else:
+            self.run_dir = Path(resume)
+            self._restore()
+        (self.run_dir / SETTINGS_FILE).write_text(json.dumps(self._settings_record(), indent=2))
+        self.preview = self._preview_batch()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _settings_record(self) -> dict[str, Any]:
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "model": self.settings.model,
+            "model_config": self.model.config.to_dict(),
+            "data": self.data.describe(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+        }
+
+    def _restore(self) -> None:
+        model_path, state_path = self.run_dir / MODEL_FILE, self.run_dir / STATE_FILE
+        if not model_path.is_file() or not state_path.is_file():
+            raise ZooError(
+                f"cannot resume {self.run_dir}: {MODEL_FILE} or {STATE_FILE} is missing "
+                "(the run never saved); start a new run instead"
+            )
+        info = read_info(model_path)
+        fingerprint = info.data.get("fingerprint")
+        if fingerprint and fingerprint != self.data.fingerprint:
+            raise ZooError(
+                f"cannot resume {self.run_dir}: its data ({info.data.get('root')}) has changed "
+                "since the run started (fingerprint differs); start a new run"
+            )
+        from zoo.checkpoint import load
+
+        saved = load(model_path)
+        self.model.load_state_dict(saved.state_dict())
+        state = load_train_state(state_path)
+        self.optimizer.load_state_dict(state.optimizer_state)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr
+        _set_rng_state(state.rng_state, self.device)
+        self.step = state.step
+        self.last_saved_step = state.step
+        self.wall_time = float(state.extra.get("wall_time", 0.0))
+        self.images_seen = int(state.extra.get("images_seen", 0))
+        self.last_losses = state.extra.get("last_losses", {})
+
+    def _preview_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed handful of images for the sample grids, the same in every grid of the run."""
+        count = min(8, len(self.data))
+        index = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(1))[:count]
+        return self.data.batch(index, self.device)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "batch_size": self.settings.batch_size,
+            "lr": self.settings.lr,
+            "seed": self.settings.seed,
+            "final_losses": self.last_losses,
+            "wall_time_s": round(self.wall_time, 2),
+            "images_per_s": round(self.images_seen / max(self.wall_time, 1e-9), 1),
+            "device": str(self.device),
+            "precision": self.precision,
+            "versions": {
+                "zoo": zoo.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def save(self) -> None:
+        """Write weights, then training state; each write is atomic on its own."""
+        self.model.eval()
+        attr_rates = self.data.attrs.mean(dim=0).tolist() if self.data.attr_names else []
+        save_checkpoint(
+            self.run_dir / MODEL_FILE,
+            self.model,
+            attr_names=self.data.attr_names,
+            attr_rates=attr_rates,
+            preprocess=self.data.preprocess.to_dict(),
+            data=self.data.describe(),
+            training=self.summary(),
+            source=_source_of(self.settings.model),
+        )
+        save_train_state(
+            self.run_dir / STATE_FILE,
+            self.optimizer,
+            step=self.step,
+            rng_state=_rng_state(self.device),
+            extra={
+                "wall_time": self.wall_time,
+                "images_seen": self.images_seen,
+                "last_losses": self.last_losses,
+            },
+        )
+        self.last_saved_step = self.step
+        self.model.train()
+
+    def write_samples(self) -> Path:
+        self.model.eval()
+        images, attrs = self.preview
+        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        training_grid(self.model, images, attrs, path, seed=self.settings.seed)
+        self.model.train()
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _batch_index(self, order: torch.Tensor) -> torch.Tensor:
+        start = (self.step % self.steps_per_epoch) * self.settings.batch_size
+        return order[start : start + self.settings.batch_size]
+
+    def _kl_weight(self) -> float:
+        warmup = self.settings.kl_warmup_steps
+        return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """One optimizer step; None when the loss was not finite and the step was skipped."""
+        with autocast(self.device, self.precision):
+            losses = self.model.loss(x, y, kl_weight=self._kl_weight())
+        if not torch.isfinite(losses["loss"]):
+            if self.settings.on_nan == "stop":
+                raise ZooError(self._nan_message(losses))
+            log.warning("non-finite loss at step %d; step skipped", self.step + 1)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        return losses
+
+    def run(self) -> TrainResult:
+        """Train to the step budget. Ctrl-C saves and returns; a NaN loss stops or skips."""
+        settings = self.settings
+        interrupted = False
+        window = _Window(self.device)
+        order = _epoch_order(len(self.data), settings.seed, self.step // self.steps_per_epoch)
+        self.model.train()
+        with self._progress() as progress, (self.run_dir / METRICS_FILE).open("a") as metrics:
+            task = progress.add_task(
+                settings.model, total=self.total_steps, completed=self.step, stats=""
+            )
+            try:
+                while self.step < self.total_steps:
+                    if self.step % self.steps_per_epoch == 0:
+                        order = _epoch_order(
+                            len(self.data), settings.seed, self.step // self.steps_per_epoch
+                        )
+                    x, y = self.data.batch(
+                        self._batch_index(order), self.device, flip=settings.flip
+                    )
+                    losses = self.train_step(x, y)
+                    self.step += 1
+                    if losses is not None:
+                        window.add(losses, x.shape[0])
+                        self.images_seen += x.shape[0]
+                    epoch_end = self.step % self.steps_per_epoch == 0
+                    finished = self.step == self.total_steps
+                    if window.steps >= settings.log_every or epoch_end or finished:
+                        self._log(window, metrics)
+                        progress.update(task, stats=self._stats())
+                    progress.update(task, completed=self.step)
+                    every = settings.sample_every
+                    if finished or (self.step % every == 0 if every else epoch_end):
+                        self.write_samples()
+                    if finished or epoch_end or self.step % settings.save_every == 0:
+                        self.save()
+            except KeyboardInterrupt:
+                interrupted = True
+                self.wall_time += window.elapsed()
+                self.save()
+        return TrainResult(self.run_dir, self.step, self.total_steps, interrupted, self.summary())
+
+    def _log(self, window: _Window, metrics: Any) -> None:
+        """Close a logging window: the only place the loop syncs with the device."""
+        self.wall_time += window.elapsed()
+        if window.steps:
+            self.last_losses = window.means()
+        record = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            **self.last_losses,
+            "kl_weight": self._kl_weight(),
+            "img_per_s": window.rate(),
+            "wall_time_s": round(self.wall_time, 3),
+        }
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        self.last_rate = window.rate()
+        window.reset()
+
+    def _stats(self) -> str:
+        losses = self.last_losses
+        return (
+            (
+                f"loss {losses['loss']:9.2f}  recon {losses['recon']:9.2f}  "
+                f"KL {losses['kl']:7.2f}  {self.last_rate:6.0f} img/s"
+            )
+            if losses
+            else ""
+        )
+
+    def _nan_message(self, losses: dict[str, torch.Tensor]) -> str:
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        kept = (
+            f"the last good checkpoint {self.run_dir / MODEL_FILE} is from step "
+            f"{self.last_saved_step}"
+            if self.last_saved_step
+            else "nothing was saved"
+        )
+        return (
+            f"loss is not finite at step {self.step + 1} ({parts}); {kept}; "
+            "lower --lr, or pass --on-nan skip to skip such steps"
+        )
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            disable=not self.show_progress,
+        )
+
+
+def resume_settings(run_dir: Path, **overrides: Any) -> TrainSettings:
+    """The settings a run was started with, with step budgets optionally extended."""
+    path = Path(run_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise ZooError(f"cannot resume {run_dir}: {SETTINGS_FILE} is missing; is it a zoo run?")
+    try:
+        stored = json.loads(path.read_text())["settings"]
+    except (json.JSONDecodeError, KeyError):
+        raise ZooError(f"{path} is not a zoo run config; the run folder is damaged") from None
+    stored.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainSettings(**stored)
