@@ -10,6 +10,26 @@ from torchvision.io import encode_jpeg
 
 from zoo.data.cache import quiet_image_io
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def celeba_sample() -> Path:
+    """The real 5,340-image CelebA sample on the development machine; skipped elsewhere."""
+    folder = SHARED_DATA / "celeba-sample"
+    if not (folder / "list_attr_celeba.txt").is_file():
+        pytest.skip(f"real CelebA sample not found at {folder} (it exists only on the dev machine)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The official MNIST test-set IDX files on the development machine; skipped elsewhere."""
+    folder = SHARED_DATA / "mnist"
+    if not (folder / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST test set not found at {folder} (it exists only on the dev machine)")
+    return folder
+
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,3 +88,12 @@ class TinyCelebA:
 @pytest.fixture
 def make_celeba(tmp_path: Path) -> TinyCelebA:
     return TinyCelebA(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_faces(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """96 built-in synthetic faces at 16 px (76 train / 10 valid / 10 test), shared by tests."""
+    from zoo.data.synth import write_synthetic
+
+    folder = tmp_path_factory.mktemp("faces") / "synth"
+    return str(write_synthetic(folder, 96, 16, 0, progress=False))

@@ -17,8 +17,6 @@ from zoo.data import ImageData, Preprocess, cache, load_data, load_image_file
 from zoo.data.cache import quiet_image_io
 from zoo.errors import ZooError
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/celeba-sample"
-
 
 def write_image(path: Path, image: torch.Tensor, kind: str = "jpeg") -> None:
     with quiet_image_io():
@@ -283,9 +281,8 @@ def test_load_image_file_reads_jpeg_and_png_and_rejects_junk(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"real CelebA sample not found at {SAMPLE}")
-def test_real_celeba_sample_valid_split():
-    data = load_data(str(SAMPLE), "valid", 64, progress=False)
+def test_real_celeba_sample_valid_split(celeba_sample):
+    data = load_data(str(celeba_sample), "valid", 64, progress=False)
     assert len(data) == 780 and len(data.attr_names) == 40
     assert data.attr_names[0] == "5_o_Clock_Shadow" and data.attr_names[-1] == "Young"
     assert data.images.shape == (780, 3, 64, 64) and data.images.dtype == torch.uint8
@@ -293,4 +290,4 @@ def test_real_celeba_sample_valid_split():
     assert set(data.attrs.unique().tolist()) == {0.0, 1.0}
     assert 0.15 < data.images.float().mean().item() / 255 < 0.85  # real pixels, not zeros
     with pytest.raises(ZooError, match="splits with images: train \\(4560\\), valid \\(780\\)"):
-        load_data(str(SAMPLE), "test", 64, progress=False)
+        load_data(str(celeba_sample), "test", 64, progress=False)

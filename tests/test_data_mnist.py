@@ -13,8 +13,6 @@ import torch
 from zoo.data import load_data
 from zoo.errors import ZooError
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared/data/mnist"
-
 
 def write_idx(path: Path, array: np.ndarray, *, magic: int | None = None) -> None:
     """An IDX file of unsigned bytes (gzipped when the name ends in .gz)."""
@@ -102,9 +100,8 @@ def test_a_folder_without_idx_files_is_refused(tmp_path):
         load_data(f"mnist:{tmp_path / 'absent'}", "test", 28, progress=False)
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"MNIST test set not found at {SHARED_MNIST}")
-def test_real_mnist_test_set():
-    data = load_data(f"mnist:{SHARED_MNIST}", "test", 28, progress=False)
+def test_real_mnist_test_set(mnist_dir):
+    data = load_data(f"mnist:{mnist_dir}", "test", 28, progress=False)
     assert len(data) == 10_000 and data.images.shape[1:] == (1, 28, 28)
     counts = data.attrs.sum(dim=0).int().tolist()
     assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

@@ -9,18 +9,15 @@ import torch
 
 import zoo
 from zoo import train
-from zoo.data.synth import write_synthetic
 from zoo.errors import ZooError
 from zoo.train import Trainer, TrainSettings, resume_settings
 
 TINY = {"base_channels": 4, "max_channels": 8, "latent_dim": 4}
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    return str(
-        write_synthetic(tmp_path_factory.mktemp("faces") / "synth", 96, 16, 0, progress=False)
-    )
+@pytest.fixture
+def faces(synthetic_faces):
+    return synthetic_faces
 
 
 def settings(faces, tmp_path, **overrides) -> TrainSettings:

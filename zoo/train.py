@@ -192,6 +192,7 @@ class Trainer:
         progress: bool = True,
     ) -> None:
         settings.validate()
+        get_model_class(settings.model)  # an unknown name fails before any data work
         self.settings = settings
         self.show_progress = progress
         self.device = pick_device(settings.device)

@@ -1,0 +1,1 @@
+"""The zoo benchmark harness: one module per metric, registered under ``zoo.metrics``."""

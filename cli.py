@@ -1,0 +1,299 @@
+"""The `zoo` command: parses options, calls the library, prints with rich. No logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import zoo
+from zoo.errors import ZooError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Train, edit and benchmark conditional generative models (VAE, CVAE, ...) on faces.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Prepare CelebA caches and synthetic faces.")
+app.add_typer(data_app, name="data")
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _OneLineHandler(logging.Handler):
+    """Library notices as single coloured lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        style = "yellow" if record.levelno >= logging.WARNING else "cyan"
+        label = "warning" if record.levelno >= logging.WARNING else "note"
+        err_console.print(f"[{style}]{label}:[/] {record.getMessage()}", soft_wrap=True)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("zoo")
+    if not any(isinstance(h, _OneLineHandler) for h in logger.handlers):
+        logger.addHandler(_OneLineHandler())
+    logger.setLevel(logging.INFO)
+
+
+def user_errors(func: F) -> F:
+    """Turn a `ZooError` into one red line and exit code 1, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging()
+        try:
+            return func(*args, **kwargs)
+        except ZooError as error:
+            err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_options(options: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs for model config fields; values are read as JSON when they parse."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ZooError(f"option {option!r} is not KEY=VALUE (for example -o latent_dim=64)")
+        try:
+            parsed[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.strip().replace("-", "_")] = value
+    return parsed
+
+
+DataOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="CelebA folder (official layout) or mnist:DIR. Default: $ZOO_DATA, ./data/celeba, "
+        "else the built-in synthetic faces.",
+    ),
+]
+
+
+@app.command()
+@user_errors
+def train(
+    model: Annotated[
+        str | None, typer.Argument(help="Registered model name (see `zoo list`).")
+    ] = None,
+    beta: Annotated[float | None, typer.Option(help="KL weight; 1 is the plain ELBO.")] = None,
+    latent_dim: Annotated[
+        int | None, typer.Option(help="Latent dimensions (128 by default).")
+    ] = None,
+    likelihood: Annotated[
+        str | None, typer.Option(help="gaussian (MSE) or bernoulli (BCE).")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Square image side (64; 32 for MNIST).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the split.")] = 10,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and noise.")] = 0,
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="train, valid, test or all.")] = "train",
+    attributes: Annotated[
+        str | None, typer.Option(help="Comma-separated attribute subset, e.g. Smiling,Male.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on capable CUDA), fp32, bf16.")
+    ] = "auto",
+    kl_warmup: Annotated[int, typer.Option(help="Steps of linear KL warm-up (0 = none).")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
+    sample_every: Annotated[
+        int | None, typer.Option(help="Steps between sample grids (default: every epoch).")
+    ] = None,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 1000,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this folder from its last save.")
+    ] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Model config field KEY=VALUE.")
+    ] = None,
+    on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop or skip.")] = "stop",
+    strict: Annotated[bool, typer.Option(help="Fail on any unreadable image.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train a registered model; writes runs/<model>-<time>/ with weights, samples and logs."""
+    from zoo.train import Trainer, TrainSettings, resume_settings
+
+    if resume is not None:
+        settings = resume_settings(resume, epochs=epochs, max_steps=max_steps)
+    else:
+        if model is None:
+            raise ZooError("name a model to train (see `zoo list`), or pass --resume RUN_DIR")
+        model_config = _parse_options(option or [])
+        model_config.update(
+            {
+                k: v
+                for k, v in {
+                    "beta": beta,
+                    "latent_dim": latent_dim,
+                    "likelihood": likelihood,
+                }.items()
+                if v is not None
+            }
+        )
+        settings = TrainSettings(
+            model=model,
+            model_config=model_config,
+            data=data,
+            split=split,
+            image_size=image_size,
+            attributes=attributes.split(",") if attributes else None,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=device,
+            precision=precision,
+            out=str(out),
+            sample_every=sample_every,
+            save_every=save_every,
+            kl_warmup_steps=kl_warmup,
+            strict=strict,
+            on_nan=on_nan,
+        )
+    trainer = Trainer(settings, resume=resume, progress=progress)
+    data_used, parameters = trainer.data, sum(p.numel() for p in trainer.model.parameters())
+    console.print(
+        f"training [bold]{settings.model}[/] ({parameters:,} parameters) on {data_used.name} "
+        f"{data_used.split} ({len(data_used):,} images, {data_used.preprocess.image_size}px) "
+        f"on {trainer.device} {trainer.precision}, steps {trainer.step}->{trainer.total_steps}; "
+        f"run {trainer.run_dir}",
+        soft_wrap=True,
+    )
+    result = trainer.run()
+    summary = result.summary
+    losses = {"loss": float("nan"), "recon": float("nan"), "kl": float("nan")}
+    losses.update(summary["final_losses"])
+    status = "interrupted" if result.interrupted else "done"
+    console.print(
+        f"{status} at step {result.step}/{result.total_steps} in {summary['wall_time_s']:.1f} s "
+        f"({summary['images_per_s']:.0f} img/s); loss {losses['loss']:.2f} "
+        f"recon {losses['recon']:.2f} KL {losses['kl']:.2f}",
+        soft_wrap=True,
+    )
+    console.print(f"weights  {result.run_dir / 'model.safetensors'}", soft_wrap=True)
+    samples = sorted((result.run_dir / "samples").glob("*.png"))
+    if samples:
+        console.print(f"samples  {samples[-1]}", soft_wrap=True)
+    if result.interrupted:
+        console.print(f"continue with: zoo train --resume {result.run_dir}", soft_wrap=True)
+        raise typer.Exit(130)
+
+
+@app.command("list")
+@user_errors
+def list_command(
+    pattern: Annotated[str, typer.Argument(help="Wildcard, e.g. 'beta-*'.")] = "*",
+) -> None:
+    """List registered models (built-in and plugins) and any plugin that failed to load."""
+    from zoo.registry import broken_plugins, list_models, model_entries
+
+    table = Table(title="registered models")
+    for column in ("name", "family", "conditional", "source", "description"):
+        table.add_column(column)
+    shown = set(list_models(pattern))
+    for entry in model_entries():
+        if entry.name in shown:
+            table.add_row(
+                entry.name,
+                entry.family,
+                "yes" if entry.model_class.conditional else "no",
+                entry.source,
+                entry.description,
+            )
+    console.print(table)
+    broken = broken_plugins()
+    if broken:
+        failed = Table(title="plugins that failed to load", title_style="red")
+        for column in ("name", "package", "error"):
+            failed.add_column(column)
+        for plugin in broken:
+            failed.add_row(plugin.name, plugin.source, plugin.error)
+        console.print(failed)
+
+
+@app.command()
+@user_errors
+def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors file.")]) -> None:
+    """Show what a checkpoint holds: model, config, attributes, data and training summary."""
+    details = zoo.read_info(checkpoint)
+    table = Table(title=str(checkpoint), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    training = details.training
+    rows = {
+        "model": f"{details.model_name} (from {details.source})",
+        "config": json.dumps(details.config),
+        "attributes": f"{len(details.attr_names)}: {', '.join(details.attr_names)}",
+        "data": json.dumps({k: v for k, v in details.data.items() if k != "attr_names"}),
+        "preprocess": json.dumps(details.preprocess),
+        "training": json.dumps({k: v for k, v in training.items() if k != "final_losses"}),
+        "final losses": json.dumps(training.get("final_losses", {})),
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    data: DataOption = None,
+    size: Annotated[int, typer.Option(help="Square image side of the cache.")] = 64,
+    strict: Annotated[bool, typer.Option(help="Fail on any unreadable image.")] = False,
+) -> None:
+    """Decode every image once into a memory-mapped uint8 cache for training and benchmarks."""
+    from zoo.data import load_data
+
+    prepared = load_data(data, "all", size, strict=strict)
+    console.print(
+        f"{prepared.name} at {prepared.root}: {len(prepared):,} images of "
+        f"{prepared.preprocess.channels}x{size}x{size}, {len(prepared.attr_names)} attributes, "
+        f"fingerprint {prepared.fingerprint[:16]}",
+        soft_wrap=True,
+    )
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the CelebA-layout dataset into.")],
+    n: Annotated[int, typer.Option("-n", help="Number of images.")] = 12000,
+    size: Annotated[int, typer.Option(help="Face size in pixels after the CelebA crop.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical files.")] = 0,
+) -> None:
+    """Write the built-in synthetic faces (with CelebA attribute names) in CelebA's layout."""
+    from zoo.data.synth import write_synthetic
+
+    path = write_synthetic(out, n, size, seed)
+    console.print(f"wrote {n:,} synthetic faces to {path}", soft_wrap=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
