@@ -291,6 +291,210 @@ def data_synth(
     console.print(f"wrote {n:,} synthetic faces to {path}", soft_wrap=True)
 
 
+CheckpointArg = Annotated[Path, typer.Argument(help="A model.safetensors file.")]
+OutOption = Annotated[Path, typer.Option(help="PNG file to write.")]
+DeviceOption = Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N.")]
+SeedOption = Annotated[int, typer.Option(help="Seed: the same seed gives the same picture.")]
+StrengthOption = Annotated[float, typer.Option(help="Concept-vector multiplier s in z + s*v.")]
+
+
+def _load(checkpoint: Path, device: str) -> zoo.GenerativeModel:
+    from zoo.device import pick_device
+
+    return zoo.load(checkpoint, device=pick_device(device))
+
+
+def _wrote(path: Path, what: str) -> None:
+    console.print(f"wrote {what} to {path}", soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def generate(
+    checkpoint: CheckpointArg,
+    n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 64,
+    attr: Annotated[
+        list[str] | None, typer.Option(help="Attribute to fix, NAME=0|1 (repeatable).")
+    ] = None,
+    base: Annotated[
+        str, typer.Option(help="Other attributes: prior (drawn from data rates) or zero.")
+    ] = "prior",
+    sweep: Annotated[str | None, typer.Option(help="Show each z with NAME off and on.")] = None,
+    seed: SeedOption = 0,
+    temperature: Annotated[float, typer.Option(help="Scale of the prior draws.")] = 1.0,
+    strength: StrengthOption = 1.5,
+    out: OutOption = Path("generated.png"),
+    device: DeviceOption = "auto",
+) -> None:
+    """Sample faces, with chosen attributes (labels for conditional models, concept vectors
+    for unconditional ones)."""
+    from zoo.figures import generation_figure
+    from zoo.latent import parse_assignments
+
+    model = _load(checkpoint, device)
+    assignments = parse_assignments(attr or [], model.checkpoint_info.attr_names)
+    figure = generation_figure(
+        model,
+        n=n,
+        assignments=assignments,
+        base=base,
+        sweep=sweep,
+        seed=seed,
+        temperature=temperature,
+        strength=strength,
+    )
+    _wrote(figure.save(out), f"{n} samples")
+
+
+def _faces(
+    model: zoo.GenerativeModel,
+    files: list[Path],
+    indices: list[int],
+    data: str | None,
+    split: str,
+    count: int,
+    seed: int,
+):
+    from zoo.latent import faces_from_files, faces_from_split, load_split
+
+    info = model.checkpoint_info
+    if files:
+        return faces_from_files(files, info)
+    return faces_from_split(
+        info, load_split(info, data, split), indices=indices or None, count=count, seed=seed
+    )
+
+
+@app.command()
+@user_errors
+def interpolate(
+    checkpoint: CheckpointArg,
+    from_image: Annotated[
+        list[Path] | None, typer.Option("--from", help="Start image file (repeat for more rows).")
+    ] = None,
+    to_image: Annotated[
+        list[Path] | None, typer.Option("--to", help="End image file, paired with --from.")
+    ] = None,
+    from_index: Annotated[
+        list[int] | None, typer.Option(help="Start image by index into --split (repeatable).")
+    ] = None,
+    to_index: Annotated[list[int] | None, typer.Option(help="End image index, paired.")] = None,
+    steps: Annotated[int, typer.Option(help="Images per row, ends included.")] = 8,
+    slerp: Annotated[bool, typer.Option("--slerp", help="Spherical interpolation.")] = False,
+    attr: Annotated[
+        list[str] | None, typer.Option(help="Labels for image files, NAME=0|1 (repeatable).")
+    ] = None,
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split for --from-index/--to-index.")] = "valid",
+    out: OutOption = Path("interpolation.png"),
+    device: DeviceOption = "auto",
+) -> None:
+    """Walk the latent space between two encoded faces; the ends are their reconstructions."""
+    from zoo.figures import interpolation_figure
+    from zoo.latent import parse_assignments
+
+    model = _load(checkpoint, device)
+    starts, ends = (
+        (from_image or [], to_image or [])
+        if from_image or to_image
+        else (from_index or [], to_index or [])
+    )
+    if not starts or len(starts) != len(ends):
+        raise ZooError(
+            "give pairs of endpoints: --from A.jpg --to B.jpg, or --from-index I --to-index J, "
+            "with as many starts as ends"
+        )
+    files = bool(from_image or to_image)
+    first = _faces(model, starts if files else [], [] if files else starts, data, split, 0, 0)
+    last = _faces(model, ends if files else [], [] if files else ends, data, split, 0, 0)
+    assignments = parse_assignments(attr or [], model.checkpoint_info.attr_names)
+    figure = interpolation_figure(
+        model, first, last, steps=steps, spherical=slerp, assignments=assignments
+    )
+    _wrote(figure.save(out), f"{len(starts)} interpolation row(s)")
+
+
+@app.command()
+@user_errors
+def edit(
+    checkpoint: CheckpointArg,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Label edit NAME=0|1, one grid row each (repeatable)."),
+    ] = None,
+    concept: Annotated[
+        list[str] | None, typer.Option(help="Concept-vector edit by attribute (repeatable).")
+    ] = None,
+    strength: StrengthOption = 1.5,
+    images: Annotated[
+        list[Path] | None, typer.Option(help="Image files to edit (default: from --split).")
+    ] = None,
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to take images from.")] = "valid",
+    n: Annotated[int, typer.Option("-n", help="Images taken from the split.")] = 8,
+    seed: SeedOption = 0,
+    out: OutOption = Path("edits.png"),
+    device: DeviceOption = "auto",
+) -> None:
+    """Edit faces: encode, change labels (or add a concept vector), decode."""
+    from zoo.figures import edit_figure
+    from zoo.latent import parse_assignments
+
+    model = _load(checkpoint, device)
+    label_edits = parse_assignments(set_ or [], model.checkpoint_info.attr_names, option="--set")
+    faces = _faces(model, images or [], [], data, split, n, seed)
+    figure = edit_figure(
+        model, faces, label_edits=label_edits, concepts=concept or [], strength=strength
+    )
+    _wrote(figure.save(out), f"edits of {faces.images.shape[0]} images")
+
+
+@app.command("concept")
+@user_errors
+def concept_command(
+    checkpoint: CheckpointArg,
+    attr: Annotated[list[str], typer.Option(help="Attribute(s) to compute vectors for.")],
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to average over.")] = "train",
+    device: DeviceOption = "auto",
+) -> None:
+    """Compute concept vectors (mean latent with the attribute minus without) beside the model."""
+    from zoo.latent import compute_concept, concept_path, load_split, save_concept
+
+    model = _load(checkpoint, device)
+    info = model.checkpoint_info
+    split_data = load_split(info, data, split)
+    for name in attr:
+        vector = compute_concept(model, split_data, name, info)
+        path = concept_path(checkpoint, name)
+        save_concept(path, vector)
+        console.print(
+            f"{name}: |v| = {vector.vector.norm():.3f} from {vector.count_with} images with and "
+            f"{vector.count_without} without ({split}); wrote {path}",
+            soft_wrap=True,
+        )
+
+
+@app.command()
+@user_errors
+def grid(
+    checkpoint: CheckpointArg,
+    n: Annotated[int, typer.Option("--n", help="Grid side.")] = 15,
+    attr: Annotated[
+        list[str] | None, typer.Option(help="Labels for a conditional model, NAME=0|1.")
+    ] = None,
+    out: OutOption = Path("latent_grid.png"),
+    device: DeviceOption = "auto",
+) -> None:
+    """Decode an n x n grid over a 2-d latent (the Keras VAE manifold)."""
+    from zoo.figures import latent_grid_figure
+    from zoo.latent import parse_assignments
+
+    model = _load(checkpoint, device)
+    assignments = parse_assignments(attr or [], model.checkpoint_info.attr_names)
+    _wrote(latent_grid_figure(model, n=n, assignments=assignments).save(out), f"{n}x{n} grid")
+
+
 def main() -> None:
     app()
 

@@ -199,6 +199,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def read_tensors_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a zoo file of the given kind (concept vector, ...), checked."""
+    metadata = _read_header(Path(path))
+    _check_format(Path(path), metadata, kind)
+    return _read_tensors(Path(path)), metadata
+
+
 # -- training state for --resume ----------------------------------------------------------------
 
 
