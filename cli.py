@@ -208,23 +208,23 @@ def list_command(
     pattern: Annotated[str, typer.Argument(help="Wildcard, e.g. 'beta-*'.")] = "*",
 ) -> None:
     """List registered models (built-in and plugins) and any plugin that failed to load."""
-    from zoo.registry import broken_plugins, list_models, model_entries
+    from zoo.registry import MODELS
 
     table = Table(title="registered models")
     for column in ("name", "family", "conditional", "source", "description"):
         table.add_column(column)
-    shown = set(list_models(pattern))
-    for entry in model_entries():
+    shown = set(MODELS.names(pattern))
+    for entry in MODELS.all_entries():
         if entry.name in shown:
             table.add_row(
                 entry.name,
-                entry.family,
-                "yes" if entry.model_class.conditional else "no",
+                entry.cls.family or entry.cls.__name__,
+                "yes" if entry.cls.conditional else "no",
                 entry.source,
                 entry.description,
             )
     console.print(table)
-    broken = broken_plugins()
+    broken = MODELS.all_broken()
     if broken:
         failed = Table(title="plugins that failed to load", title_style="red")
         for column in ("name", "package", "error"):
@@ -438,10 +438,10 @@ def edit(
 ) -> None:
     """Edit faces: encode, change labels (or add a concept vector), decode."""
     from zoo.figures import edit_figure
-    from zoo.latent import parse_assignments
+    from zoo.latent import parse_assignment_list
 
     model = _load(checkpoint, device)
-    label_edits = parse_assignments(set_ or [], model.checkpoint_info.attr_names, option="--set")
+    label_edits = parse_assignment_list(set_ or [], model.checkpoint_info.attr_names)
     faces = _faces(model, images or [], [], data, split, n, seed)
     figure = edit_figure(
         model, faces, label_edits=label_edits, concepts=concept or [], strength=strength

@@ -54,7 +54,7 @@ def faces(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 class MeanColour(GenerativeModel):
     """A toy model whose latent we know: z is the mean colour, decode paints it."""
 
-    model_name = "mean-colour"
+    registry_name = "mean-colour"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -205,7 +205,11 @@ def test_unconditional_attribute_requests_need_a_concept_vector(vae):
     x, _ = faces()
     with pytest.raises(ZooError, match="no concept vector for Male"):
         edit_figure(
-            vae, Faces(x, None, ["a", "b", "c"]), label_edits={"Male": 1.0}, concepts=[], strength=1
+            vae,
+            Faces(x, None, ["a", "b", "c"]),
+            label_edits=[("Male", 1.0)],
+            concepts=[],
+            strength=1,
         )
 
 
@@ -219,7 +223,7 @@ def test_edit_figure_rows(cvae):
     figure = edit_figure(
         cvae,
         Faces(x, y, ["a.jpg", "b.jpg", "c.jpg"]),
-        label_edits={"Smiling": 1.0, "Male": 0.0},
+        label_edits=[("Smiling", 1.0), ("Male", 0.0), ("Smiling", 0.0)],
         concepts=[],
         strength=1.5,
     )
@@ -228,6 +232,7 @@ def test_edit_figure_rows(cvae):
         "reconstruction",
         "labels Smiling=1",
         "labels Male=0",
+        "labels Smiling=0",
     ]
     assert torch.equal(figure.rows[0].images, x)
 

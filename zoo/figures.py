@@ -166,7 +166,7 @@ def edit_figure(
     model: GenerativeModel,
     faces: Faces,
     *,
-    label_edits: dict[str, float],
+    label_edits: list[tuple[str, float]],
     concepts: list[str],
     strength: float,
 ) -> Figure:
@@ -184,7 +184,7 @@ def edit_figure(
     y = labels_for(faces, info, {}) if model.conditional else None
     reconstruction = decode(model, encode_means(model, faces.images, y), y)
     rows = [GridRow("original", faces.images), GridRow("reconstruction", reconstruction)]
-    for name, value in label_edits.items():
+    for name, value in label_edits:
         if model.conditional:
             new_y = with_assignments(y, {name: value}, info.attr_names)
             rows.append(

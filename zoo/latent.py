@@ -41,7 +41,14 @@ def parse_assignments(
     texts: list[str], attr_names: list[str], *, option: str = "--attr"
 ) -> dict[str, float]:
     """``["Smiling=1", "Male=0"]`` -> ``{"Smiling": 1.0, "Male": 0.0}``; a bare name means =1."""
-    assignments: dict[str, float] = {}
+    return dict(parse_assignment_list(texts, attr_names, option=option))
+
+
+def parse_assignment_list(
+    texts: list[str], attr_names: list[str], *, option: str = "--set"
+) -> list[tuple[str, float]]:
+    """Like `parse_assignments`, but keeps order and repeats (one grid row per edit)."""
+    assignments: list[tuple[str, float]] = []
     for text in texts:
         name, sep, value = text.partition("=")
         name, value = name.strip(), value.strip()
@@ -52,7 +59,7 @@ def parse_assignments(
             value = "1"
         if value not in ("0", "1"):
             raise ZooError(f"{option} {text!r}: the value must be 0 or 1, not {value!r}")
-        assignments[name] = float(value)
+        assignments.append((name, float(value)))
     return assignments
 
 
