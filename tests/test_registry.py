@@ -18,15 +18,10 @@ from zoo.errors import ZooError
 def isolated_registry(monkeypatch):
     """Let a test register models and plugins without leaking them into other tests."""
     zoo.list_models()  # make sure built-ins are in before the snapshot
-    monkeypatch.setattr(
-        registry,
-        "_registry",
-        registry._Registry(
-            entries=dict(registry._registry.entries),
-            plugins_loaded=False,
-        ),
-    )
-    return registry._registry
+    monkeypatch.setattr(registry.MODELS, "entries", dict(registry.MODELS.entries))
+    monkeypatch.setattr(registry.MODELS, "broken", {})
+    monkeypatch.setattr(registry.MODELS, "plugins_loaded", False)
+    return registry.MODELS
 
 
 def _plugin_module(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
@@ -36,11 +31,11 @@ def _plugin_module(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
 
 
 def _inject_entry_points(monkeypatch, *specs: tuple[str, str]) -> None:
-    points = [importlib.metadata.EntryPoint(n, v, registry.ENTRY_POINT_GROUP) for n, v in specs]
+    points = [importlib.metadata.EntryPoint(n, v, registry.MODELS.group) for n, v in specs]
     real = importlib.metadata.entry_points
 
     def entry_points(**params):
-        if params.get("group") == registry.ENTRY_POINT_GROUP:
+        if params.get("group") == registry.MODELS.group:
             return importlib.metadata.EntryPoints(points)
         return real(**params)
 
@@ -86,7 +81,7 @@ def test_entry_point_plugin_is_discovered(isolated_registry, tmp_path, monkeypat
     assert "tiny-plugin" in zoo.list_models()
     model = zoo.create_model("tiny-plugin", image_size=16, base_channels=2, max_channels=4)
     assert model.model_name == "tiny-plugin"
-    entry = next(e for e in registry.model_entries() if e.name == "tiny-plugin")
+    entry = next(e for e in registry.MODELS.all_entries() if e.name == "tiny-plugin")
     assert entry.source == "tiny_plugin:TinyPluginVAE"
 
 
@@ -100,10 +95,10 @@ def test_broken_plugin_is_reported_and_harmless(isolated_registry, tmp_path, mon
         ("tiny-plugin", "tiny_plugin:TinyPluginVAE"),
     )
     assert "tiny-plugin" in zoo.list_models()
-    broken = {plugin.name: plugin for plugin in registry.broken_plugins()}
+    broken = {plugin.name: plugin for plugin in registry.MODELS.all_broken()}
     assert set(broken) == {"raising", "not-a-model"}
     assert "RuntimeError: boom at import" in broken["raising"].error
-    assert "not a zoo.GenerativeModel" in broken["not-a-model"].error
+    assert "not a zoo.GenerativeModel subclass" in broken["not-a-model"].error
     with pytest.raises(ZooError, match="plugin raising_plugin:Model, which failed to load"):
         zoo.create_model("raising")
 
@@ -113,14 +108,14 @@ def test_plugin_blocking_at_import_times_out(isolated_registry, tmp_path, monkey
     _inject_entry_points(monkeypatch, ("slow", "slow_plugin:Model"))
     monkeypatch.setattr(registry, "PLUGIN_IMPORT_TIMEOUT_S", 0.5)
     assert "vae" in zoo.list_models()
-    assert "TimeoutError" in registry.broken_plugins()[0].error
+    assert "TimeoutError" in registry.MODELS.all_broken()[0].error
 
 
 def test_name_clash_with_builtin_names_both_sources(isolated_registry, tmp_path, monkeypatch):
     _plugin_module(tmp_path, monkeypatch, "tiny_plugin", TINY_PLUGIN)
     _inject_entry_points(monkeypatch, ("cvae", "tiny_plugin:TinyPluginVAE"))
     zoo.list_models()
-    [clash] = registry.broken_plugins()
+    [clash] = registry.MODELS.all_broken()
     assert "registered twice: by zoo" in clash.error
     assert "tiny_plugin:TinyPluginVAE" in clash.error
     assert zoo.create_model("cvae", num_attributes=2).conditional

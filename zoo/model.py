@@ -120,7 +120,7 @@ class GenerativeModel(nn.Module):
     is not an ELBO of this shape override `loss`.
     """
 
-    model_name: ClassVar[str] = ""
+    registry_name: ClassVar[str] = ""  # set by the registry
     family: ClassVar[str] = ""
     conditional: ClassVar[bool] = False
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
@@ -131,10 +131,14 @@ class GenerativeModel(nn.Module):
             config = self.config_class.from_dict(dataclasses.asdict(config))
         if self.conditional and config.num_attributes < 1:
             raise ZooError(
-                f"{self.model_name or type(self).__name__} is conditional and needs "
+                f"{self.model_name} is conditional and needs "
                 "num_attributes >= 1 (the trainer sets it from the data's attributes)"
             )
         self.config = config
+
+    @property
+    def model_name(self) -> str:
+        return self.registry_name or type(self).__name__
 
     @property
     def latent_dim(self) -> int:

@@ -1,99 +1,140 @@
-"""The model registry: `register_model`, `create_model`, `list_models`, as timm does it.
+"""Registries of named things, as timm does it: `register_model`, `create_model`, `list_models`.
 
-Built-in models register themselves when `zoo.models` is imported. Third-party
-models arrive through the entry-point group ``zoo.models``; they are loaded on
-first use, each in isolation, so a plugin that fails to import is reported as
-broken and never takes the zoo down with it.
+Built-ins register themselves when their package is imported. Third parties
+arrive through entry-point groups (``zoo.models`` for models, ``zoo.metrics``
+for benchmark metrics); they are loaded on first use, each in isolation and
+under a timeout, so a plugin that fails to import is reported as broken and
+never takes the zoo down with it.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import importlib.metadata
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from zoo.errors import ZooError
 
 if TYPE_CHECKING:
     from zoo.model import GenerativeModel
 
-ENTRY_POINT_GROUP = "zoo.models"
 PLUGIN_IMPORT_TIMEOUT_S = 20.0
+
+T = TypeVar("T", bound=type)
 
 
 @dataclass
-class ModelEntry:
-    """One registered model: what builds it and where it came from."""
+class Entry(Generic[T]):
+    """One registered class: what it is and which package provided it."""
 
     name: str
-    model_class: type[GenerativeModel]
+    cls: T
     source: str  # "zoo" for built-ins, else the distribution that provides it
-    family: str = ""
     description: str = ""
 
 
 @dataclass
 class BrokenPlugin:
-    """A plugin entry point that could not be loaded, kept so `zoo list` can show why."""
+    """An entry point that could not be loaded, kept so listings can show why."""
 
     name: str
     source: str
     error: str
 
 
-@dataclass
-class _Registry:
-    entries: dict[str, ModelEntry] = field(default_factory=dict)
-    broken: dict[str, BrokenPlugin] = field(default_factory=dict)
-    plugins_loaded: bool = False
+class PluginRegistry(Generic[T]):
+    """Named subclasses of `base`: built-ins from `builtin_module`, plugins from `group`."""
 
+    def __init__(self, group: str, kind: str, base: Callable[[], type], builtin_module: str):
+        self.group = group
+        self.kind = kind
+        self._base = base  # resolved lazily: the base class's module may import this one
+        self.builtin_module = builtin_module
+        self.entries: dict[str, Entry[T]] = {}
+        self.broken: dict[str, BrokenPlugin] = {}
+        self.plugins_loaded = False
 
-_registry = _Registry()
+    def register(self, name: str, *, source: str = "zoo") -> Callable[[T], T]:
+        """Class decorator: make the class available under `name`."""
 
+        def decorate(cls: T) -> T:
+            self.add(cls, name, source)
+            return cls
 
-def register_model(
-    name: str, *, source: str = "zoo"
-) -> Callable[[type[GenerativeModel]], type[GenerativeModel]]:
-    """Class decorator: make a `GenerativeModel` subclass buildable by `name`.
+        return decorate
 
-    The class gets ``model_name`` set, so a checkpoint can record which entry built it.
-    """
+    def add(self, cls: Any, name: str, source: str) -> None:
+        base = self._base()
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ZooError(
+                f"{self.kind} {name!r} from {source} is not a {base.__module__.split('.')[0]}."
+                f"{base.__name__} subclass (got {cls!r}); subclass {base.__name__}"
+            )
+        existing = self.entries.get(name)
+        if existing is not None and existing.cls is not cls:
+            raise ZooError(
+                f"{self.kind} name {name!r} is registered twice: by {existing.source} "
+                f"({_qualname(existing.cls)}) and by {source} ({_qualname(cls)}); "
+                "rename one of them"
+            )
+        cls.registry_name = name
+        doc = (cls.__doc__ or "").strip().splitlines()
+        self.entries[name] = Entry(name, cls, source, doc[0] if doc else "")
 
-    def decorate(model_class: type[GenerativeModel]) -> type[GenerativeModel]:
-        _add(model_class, name, source)
-        return model_class
+    def load_plugins(self, *, reload: bool = False) -> None:
+        """Import built-ins, then every entry point of the group once; failures are recorded."""
+        importlib.import_module(self.builtin_module)  # built-ins first: clashes name the plugin
+        if self.plugins_loaded and not reload:
+            return
+        self.plugins_loaded = True
+        for entry_point in importlib.metadata.entry_points(group=self.group):
+            source = entry_point.dist.name if entry_point.dist else entry_point.value
+            known = self.entries.get(entry_point.name)
+            if known is not None and known.source == source:
+                continue
+            try:
+                self.add(_load_with_timeout(entry_point), entry_point.name, source)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # a plugin may raise anything, SystemExit included
+                message = str(error).splitlines()[0] if str(error) else ""
+                self.broken[entry_point.name] = BrokenPlugin(
+                    entry_point.name, source, f"{type(error).__name__}: {message}".rstrip(": ")
+                )
 
-    return decorate
+    def names(self, pattern: str = "*") -> list[str]:
+        self.load_plugins()
+        return sorted(name for name in self.entries if fnmatch.fnmatchcase(name, pattern))
 
+    def all_entries(self) -> list[Entry[T]]:
+        self.load_plugins()
+        return [self.entries[name] for name in sorted(self.entries)]
 
-def _add(model_class: Any, name: str, source: str) -> None:
-    from zoo.model import GenerativeModel
+    def all_broken(self) -> list[BrokenPlugin]:
+        self.load_plugins()
+        return [self.broken[name] for name in sorted(self.broken)]
 
-    if not (isinstance(model_class, type) and issubclass(model_class, GenerativeModel)):
-        raise ZooError(
-            f"model {name!r} from {source} is not a zoo.GenerativeModel subclass "
-            f"(got {model_class!r}); subclass zoo.GenerativeModel"
-        )
-    existing = _registry.entries.get(name)
-    if existing is not None and existing.model_class is not model_class:
-        raise ZooError(
-            f"model name {name!r} is registered twice: by {existing.source} "
-            f"({_qualname(existing.model_class)}) and by {source} ({_qualname(model_class)}); "
-            "rename one of them"
-        )
-    model_class.model_name = name
-    doc = (model_class.__doc__ or "").strip().splitlines()
-    _registry.entries[name] = ModelEntry(
-        name=name,
-        model_class=model_class,
-        source=source,
-        family=getattr(model_class, "family", "") or model_class.__name__,
-        description=doc[0] if doc else "",
-    )
+    def get(self, name: str) -> T:
+        """The class registered under `name`, or a one-line error listing the known names."""
+        self.load_plugins()
+        if name in self.entries:
+            return self.entries[name].cls
+        if name in self.broken:
+            broken = self.broken[name]
+            raise ZooError(
+                f"{self.kind} {name!r} comes from plugin {broken.source}, which failed to load: "
+                f"{broken.error}; fix or uninstall that package"
+            )
+        known = sorted(self.entries)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        plural = "metrics" if self.kind == "metric" else f"{self.kind}s"
+        raise ZooError(f"unknown {self.kind} {name!r}.{hint} Known {plural}: {', '.join(known)}")
 
 
 def _qualname(obj: Any) -> str:
@@ -107,7 +148,7 @@ def _load_with_timeout(entry_point: importlib.metadata.EntryPoint) -> Any:
     def run() -> None:
         try:
             outcome["value"] = entry_point.load()
-        except BaseException as error:  # a plugin may raise anything, SystemExit included
+        except BaseException as error:
             outcome["error"] = error
 
     worker = threading.Thread(target=run, name=f"zoo-plugin-{entry_point.name}", daemon=True)
@@ -120,65 +161,29 @@ def _load_with_timeout(entry_point: importlib.metadata.EntryPoint) -> Any:
     return outcome["value"]
 
 
-def load_plugins(*, reload: bool = False) -> None:
-    """Import every ``zoo.models`` entry point once; failures are recorded, never raised."""
-    import zoo.models  # noqa: F401  (built-ins register first, so clashes name the plugin)
+def _model_base() -> type:
+    from zoo.model import GenerativeModel
 
-    if _registry.plugins_loaded and not reload:
-        return
-    _registry.plugins_loaded = True
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        source = entry_point.dist.name if entry_point.dist else entry_point.value
-        if (
-            entry_point.name in _registry.entries
-            and _registry.entries[entry_point.name].source == source
-        ):
-            continue
-        try:
-            model_class = _load_with_timeout(entry_point)
-            _add(model_class, entry_point.name, source)
-        except BaseException as error:
-            if isinstance(error, KeyboardInterrupt):
-                raise
-            message = str(error).splitlines()[0] if str(error) else ""
-            _registry.broken[entry_point.name] = BrokenPlugin(
-                name=entry_point.name,
-                source=source,
-                error=f"{type(error).__name__}: {message}".rstrip(": "),
-            )
+    return GenerativeModel
+
+
+MODELS: PluginRegistry[type[GenerativeModel]] = PluginRegistry(
+    "zoo.models", "model", _model_base, "zoo.models"
+)
+
+
+def register_model(name: str, *, source: str = "zoo") -> Callable[[T], T]:
+    """Class decorator: make a `GenerativeModel` subclass buildable by `name`."""
+    return MODELS.register(name, source=source)
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style wildcard, sorted: ``list_models("beta-*")``."""
-    load_plugins()
-    return sorted(name for name in _registry.entries if fnmatch.fnmatchcase(name, pattern))
-
-
-def model_entries() -> list[ModelEntry]:
-    load_plugins()
-    return [_registry.entries[name] for name in sorted(_registry.entries)]
-
-
-def broken_plugins() -> list[BrokenPlugin]:
-    load_plugins()
-    return [_registry.broken[name] for name in sorted(_registry.broken)]
+    return MODELS.names(pattern)
 
 
 def get_model_class(name: str) -> type[GenerativeModel]:
-    """The class registered under `name`, or a one-line error listing the known names."""
-    load_plugins()
-    if name in _registry.entries:
-        return _registry.entries[name].model_class
-    if name in _registry.broken:
-        broken = _registry.broken[name]
-        raise ZooError(
-            f"model {name!r} comes from plugin {broken.source}, which failed to load: "
-            f"{broken.error}; fix or uninstall that package"
-        )
-    known = sorted(_registry.entries)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ZooError(f"unknown model {name!r}.{hint} Known models: {', '.join(known)}")
+    return MODELS.get(name)
 
 
 def create_model(name: str, **config: Any) -> GenerativeModel:

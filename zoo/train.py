@@ -36,7 +36,7 @@ from zoo.data import ImageData, load_data, resolve_source
 from zoo.device import autocast, pick_device, resolve_precision
 from zoo.errors import ZooError
 from zoo.model import GenerativeModel
-from zoo.registry import create_model, get_model_class, model_entries
+from zoo.registry import MODELS, create_model, get_model_class
 from zoo.samples import training_grid
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _new_run_dir(out: Path, model_name: str) -> Path:
 
 
 def _source_of(model_name: str) -> str:
-    return next((e.source for e in model_entries() if e.name == model_name), "zoo")
+    return MODELS.entries[model_name].source
 
 
 def load_training_data(settings: TrainSettings, *, progress: bool = True) -> ImageData:
