@@ -495,6 +495,130 @@ def grid(
     _wrote(latent_grid_figure(model, n=n, assignments=assignments).save(out), f"{n}x{n} grid")
 
 
+@app.command()
+@user_errors
+def bench(
+    checkpoints: Annotated[
+        list[Path] | None,
+        typer.Argument(help="model.safetensors files (default: the latest run of each model)."),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help="fid, recon, edit, throughput or a plugin metric (default: all)."),
+    ] = None,
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to measure on.")] = "valid",
+    n: Annotated[
+        int | None, typer.Option("--n", help="Images of the split (default: all).")
+    ] = None,
+    seed: SeedOption = 0,
+    batch_size: Annotated[int, typer.Option(help="Batch size for evaluation.")] = 64,
+    fid_features: Annotated[
+        str, typer.Option(help="inception (standard FID) or classifier (offline FD-attr).")
+    ] = "inception",
+    fid_weights: Annotated[
+        str | None, typer.Option(help="Path of weights-inception-2015-12-05-6726825d.pth.")
+    ] = None,
+    classifier: Annotated[
+        str | None, typer.Option(help="Attribute classifier file (default: found by data).")
+    ] = None,
+    edit_strength: StrengthOption = 1.0,
+    throughput_batch_size: Annotated[int, typer.Option(help="Batch size for throughput.")] = 64,
+    runs: Annotated[Path, typer.Option(help="Folder of runs to search.")] = Path("runs"),
+    out: Annotated[
+        Path, typer.Option(help="JSON report; a Markdown table is written beside it.")
+    ] = Path("results.json"),
+    device: DeviceOption = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Benchmark checkpoints: FID, reconstruction, attribute-edit accuracy and throughput."""
+    from benchmarks.metric import METRICS, BenchSettings
+    from benchmarks.report import leaderboard, write_report
+    from benchmarks.runner import latest_runs, run_bench
+
+    settings = BenchSettings(
+        split=split,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        data=data,
+        fid_features=fid_features,
+        fid_weights=fid_weights,
+        classifier=classifier,
+        runs_dir=str(runs),
+        edit_strength=edit_strength,
+        throughput_batch_size=throughput_batch_size,
+        progress=progress,
+    )
+    metrics = metric or ["fid", "recon", "edit", "throughput"]
+    for name in metrics:
+        METRICS.get(name)
+    report = run_bench(checkpoints or latest_runs(runs), metrics, settings)
+    header, rows = leaderboard(report)
+    table = Table(title=f"zoo bench on {split} (device {report.device})")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    # piped output has no width: do not squeeze a leaderboard into 80 columns
+    (console if console.is_terminal else Console(highlight=False, width=160)).print(table)
+    for result in report.results:
+        for name, message in result.errors.items():
+            err_console.print(
+                f"[red]not computed:[/] {result.info.model_name} {name}: {message}", soft_wrap=True
+            )
+    json_path, markdown_path = write_report(report, out)
+    console.print(f"wrote {json_path} and {markdown_path}", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("train-classifier")
+@user_errors
+def train_classifier_command(
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+    eval_split: Annotated[str, typer.Option(help="Split to report accuracy on.")] = "valid",
+    image_size: Annotated[int, typer.Option(help="Square image side; match the models.")] = 64,
+    backbone: Annotated[
+        str, typer.Option(help="timm backbone, trained from scratch.")
+    ] = "resnet18",
+    epochs: Annotated[int | None, typer.Option(help="Passes over the split.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    seed: SeedOption = 0,
+    device: DeviceOption = "auto",
+    out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Train the attribute classifier that scores edits (and gives FD-attr features)."""
+    from benchmarks.classifier import ClassifierSettings, train_classifier
+
+    settings = ClassifierSettings(
+        data=data,
+        split=split,
+        eval_split=eval_split,
+        image_size=image_size,
+        backbone=backbone,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        out=str(out),
+        progress=progress,
+    )
+    if epochs is not None:
+        settings.epochs = epochs
+    path, details = train_classifier(settings)
+    evaluation = details.evaluation
+    console.print(
+        f"classifier {details.backbone} on {len(details.attr_names)} attributes: mean accuracy "
+        f"{evaluation['mean_accuracy']:.3f}, mean balanced accuracy "
+        f"{evaluation['mean_balanced_accuracy']:.3f} on {evaluation['split']} "
+        f"({evaluation['n']} images); wrote {path}",
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     app()
 

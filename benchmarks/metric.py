@@ -1,0 +1,132 @@
+"""What a benchmark metric is, and the context it runs in.
+
+A metric is a class registered under a name (built-ins here, third parties
+through the ``zoo.metrics`` entry-point group). It receives a `BenchContext`
+(one model, its checkpoint, the benchmark split, the settings) and returns a
+JSON-serialisable dict of numbers with the settings that produced them. A
+metric that cannot be computed raises `ZooError` with the reason; the runner
+records it, goes on with the other metrics and exits non-zero at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from zoo.checkpoint import CheckpointInfo
+from zoo.data import ImageData
+from zoo.errors import ZooError
+from zoo.model import GenerativeModel
+from zoo.registry import PluginRegistry
+
+
+@dataclass
+class BenchSettings:
+    """Everything that defines a benchmark run; recorded with every number."""
+
+    split: str = "valid"
+    n: int | None = None  # images of the split to use (None: all)
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    data: str | None = None  # override the checkpoints' own data
+    fid_features: str = "inception"  # "inception" or "classifier"
+    fid_weights: str | None = None
+    classifier: str | None = None  # path of an attribute classifier; default: found by fingerprint
+    runs_dir: str = "runs"
+    edit_strength: float = 1.0
+    throughput_batch_size: int = 64
+    throughput_repeats: int = 5
+    progress: bool = True
+
+
+@dataclass
+class BenchContext:
+    """One model under test, with the split it is measured on and shared, lazily built tools."""
+
+    model: GenerativeModel
+    checkpoint: Path
+    info: CheckpointInfo
+    data: ImageData  # the benchmark split, preprocessed as the model was trained
+    settings: BenchSettings
+    device: torch.device
+    tools: dict[str, Any] = field(default_factory=dict)  # shared across models (classifier, ...)
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The split's attributes in the model's order, for conditional models."""
+        from zoo.latent import model_labels
+
+        return model_labels(self.data, self.info) if self.model.conditional else None
+
+    @property
+    def count(self) -> int:
+        """How many images of the split the metrics use (``--n``, capped at the split size)."""
+        return len(self.data) if self.settings.n is None else min(self.settings.n, len(self.data))
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(index, images on the device, model-order labels on the device or None) batches."""
+        labels = self.labels
+        for start in range(0, self.count, self.settings.batch_size):
+            index = torch.arange(start, min(start + self.settings.batch_size, self.count))
+            images, _ = self.data.batch(index, self.device)
+            y = labels[index].to(self.device) if labels is not None else None
+            yield index, images, y
+
+    def classifier(self) -> tuple[Any, Any]:
+        """(AttributeClassifier, ClassifierInfo) for this model's training data, loaded once.
+
+        ``--classifier PATH`` wins; otherwise the newest classifier under the runs folder
+        trained on data with the same fingerprint and image size.
+        """
+        from benchmarks.classifier import find_classifier, load_classifier
+
+        size = int(self.info.preprocess.get("image_size", 0))
+        path = self.settings.classifier or find_classifier(
+            self.info.data.get("fingerprint", ""), size, self.settings.runs_dir
+        )
+        if path is None:
+            root = self.info.data.get("root", "DIR")
+            raise ZooError(
+                f"no attribute classifier for {root} at {size} px under {self.settings.runs_dir}/; "
+                f"train one with: zoo train-classifier --data {root} --image-size {size}"
+            )
+        return self.shared(f"classifier:{path}", lambda: load_classifier(path, self.device))
+
+    def shared(self, key: str, build: Callable[[], Any]) -> Any:
+        """Build a tool once per benchmark run (e.g. the attribute classifier) and reuse it."""
+        if key not in self.tools:
+            self.tools[key] = build()
+        return self.tools[key]
+
+
+class Metric:
+    """Base class of benchmark metrics. Subclasses set `title` and implement `compute`."""
+
+    registry_name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+
+    def compute(self, context: BenchContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def headline(self, result: dict[str, Any]) -> dict[str, str]:
+        """The few numbers that go into the leaderboard table, formatted, keyed by column."""
+        raise NotImplementedError
+
+
+def _metric_base() -> type:
+    return Metric
+
+
+METRICS: PluginRegistry[type[Metric]] = PluginRegistry(
+    "zoo.metrics", "metric", _metric_base, "benchmarks.builtin"
+)
+
+
+def register_metric(name: str, *, source: str = "zoo") -> Callable[[type], type]:
+    """Class decorator: make a `Metric` subclass available to ``zoo bench --metric name``."""
+    return METRICS.register(name, source=source)

@@ -1,0 +1,56 @@
+"""Writing a benchmark report: JSON with every number and its settings, and a Markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.runner import BenchReport
+
+
+def leaderboard(report: BenchReport) -> tuple[list[str], list[list[str]]]:
+    """Column names and one row of formatted headline numbers per checkpoint."""
+    columns: list[str] = []
+    for result in report.results:
+        columns += [key for key in result.headline if key not in columns]
+    rows = []
+    for result in report.results:
+        run = result.checkpoint.parent.name
+        cells = [
+            result.headline.get(column, "failed" if result.errors else "-") for column in columns
+        ]
+        rows.append([result.info.model_name, run, *cells])
+    return ["model", "run", *columns], rows
+
+
+def markdown(report: BenchReport) -> str:
+    header, rows = leaderboard(report)
+    settings = report.settings
+    lines = [
+        "# zoo bench",
+        "",
+        f"{report.created}: split `{settings.split}`, n = {settings.n or 'all'}, "
+        f"seed {settings.seed}, device {report.device}, FID features `{settings.fid_features}`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    errors = [
+        f"- {result.info.model_name} ({result.checkpoint}): {name}: {message}"
+        for result in report.results
+        for name, message in result.errors.items()
+    ]
+    if errors:
+        lines += ["", "## Not computed", "", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: BenchReport, path: Path) -> tuple[Path, Path]:
+    """Write ``path`` (JSON) and the Markdown table beside it (same name, ``.md``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    table = path.with_suffix(".md")
+    table.write_text(markdown(report))
+    return path, table

@@ -1,0 +1,104 @@
+"""Images per second for encode, decode, generate and one training step, on the current device.
+
+Each operation is warmed up, then timed several times with the device synchronised;
+the median is reported, because the first calls pay for allocation and kernel choice and
+single timings on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.metric import BenchContext, Metric, register_metric
+
+WARMUP_CALLS = 2
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_call(
+    call: Callable[[], Any], device: torch.device, repeats: int
+) -> tuple[float, float | None]:
+    """(median seconds per call, peak memory in MB on CUDA or None where not reported)."""
+    for _ in range(WARMUP_CALLS):
+        call()
+    _synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        _synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return statistics.median(seconds), peak
+
+
+@register_metric("throughput")
+class Throughput(Metric):
+    """Median images/s of encode, decode, generate and a training step at a stated batch size."""
+
+    title = "Throughput"
+
+    def compute(self, context: BenchContext) -> dict[str, Any]:
+        settings, device, model = context.settings, context.device, context.model.eval()
+        batch = settings.throughput_batch_size
+        index = torch.arange(batch) % len(context.data)
+        images, _ = context.data.batch(index, device)
+        labels = context.labels
+        y = labels[index].to(device) if labels is not None else None
+        with torch.inference_mode():
+            z = model.encode(images, y).mean
+        trainee = copy.deepcopy(model).train()
+        optimizer = torch.optim.Adam(trainee.parameters(), lr=1e-4)
+
+        def train_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            trainee.loss(images, y)["loss"].backward()
+            optimizer.step()
+
+        generator = torch.Generator(device).manual_seed(settings.seed)
+        operations: dict[str, Callable[[], Any]] = {
+            "encode": torch.inference_mode()(lambda: model.encode(images, y)),
+            "decode": torch.inference_mode()(lambda: model.decode(z, y)),
+            "generate": torch.inference_mode()(
+                lambda: model.generate(batch, y, generator=generator)
+            ),
+            "train_step": train_step,
+        }
+        rates, medians, peaks = {}, {}, {}
+        for name, call in operations.items():
+            median, peak = time_call(call, device, settings.throughput_repeats)
+            rates[name] = batch / median
+            medians[name] = median * 1000
+            peaks[name] = peak
+        return {
+            "batch_size": batch,
+            "repeats": settings.throughput_repeats,
+            "warmup_calls": WARMUP_CALLS,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "images_per_s": rates,
+            "median_ms": medians,
+            "peak_memory_mb": peaks if device.type == "cuda" else None,
+            "peak_memory_note": None if device.type == "cuda" else f"not reported on {device.type}",
+        }
+
+    def headline(self, result: dict[str, Any]) -> dict[str, str]:
+        rates = result["images_per_s"]
+        return {
+            "gen img/s": f"{rates['generate']:.0f}",
+            "train img/s": f"{rates['train_step']:.0f}",
+        }

@@ -1,0 +1,384 @@
+"""The FID metric: the distance, both extractors, safe weight loading, caching, the protocol."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import hashlib
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from benchmarks import fid
+from benchmarks.metric import BenchContext, BenchSettings
+from zoo.data import cache_dir, load_data
+from zoo.errors import ZooError
+
+TINY = {"image_size": 16, "base_channels": 4, "max_channels": 8, "latent_dim": 4}
+
+
+class StandInFeatures(nn.Module):
+    """A fixed random projection of the pixels, counting the images it sees; it has the
+    attribute classifier's interface (``features``, ``num_features``, ``image_size``)."""
+
+    def __init__(self, pixels: int = 3 * 16 * 16, num_features: int = 6, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("weight", torch.randn(pixels, num_features, generator=generator))
+        self.num_features = num_features
+        self.image_size = 16
+        self.images_seen = 0
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        self.images_seen += x.shape[0]
+        return x.flatten(1) @ self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Inception at 299 px and the 2048 x 2048 eigvals run 10x faster on one thread when another
+    job shares the 2-core CPU (OpenMP barriers stall); tiny networks lose nothing by it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def valid(synthetic_faces):
+    return load_data(synthetic_faces, "valid", 16, progress=False)
+
+
+def tiny_model(name: str, data, tmp_path: Path):
+    """A tiny model saved and loaded, so it carries ``checkpoint_info`` like a real run."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_attributes=len(data.attr_names), **TINY)
+    path = tmp_path / f"{name}.safetensors"
+    zoo.save_checkpoint(
+        path,
+        model,
+        attr_names=list(reversed(data.attr_names)),  # not the data's order: labels get reordered
+        preprocess=data.preprocess.to_dict(),
+        data=data.describe(),
+    )
+    return zoo.load(path), path
+
+
+def context(model, path, data, **settings) -> BenchContext:
+    return BenchContext(
+        model=model,
+        checkpoint=path,
+        info=model.checkpoint_info,
+        data=data,
+        settings=BenchSettings(progress=False, **settings),
+        device=torch.device("cpu"),
+    )
+
+
+def use_stand_in(monkeypatch, classifier, identity="classifier:stand-in:0001"):
+    monkeypatch.setattr(fid, "_classifier", lambda context: (classifier, identity))
+
+
+# -- the distance ----------------------------------------------------------------------------------
+
+
+def test_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
+    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    features = StandInFeatures()
+    same = fid.frechet_distance_of(features, [images[:20], images[20:]], [images])
+    shifted = [fid.frechet_distance_of(features, [images], [images + s]) for s in (0.1, 0.3, 0.9)]
+    assert abs(same) < 1e-3
+    assert 0 < shifted[0] < shifted[1] < shifted[2]
+    # the mean term alone is s^2 |W^T 1|^2: the distance is not a constant
+    assert shifted[2] > 50 * shifted[0]
+
+
+# -- FD-attr: the classifier extractor, the protocol and the cache ---------------------------------
+
+
+def test_fd_attr_matches_the_protocol_and_caches_real_statistics(monkeypatch, valid, tmp_path):
+    vae, path = tiny_model("vae", valid, tmp_path)
+    classifier = StandInFeatures()
+    use_stand_in(monkeypatch, classifier)
+    settings = {"fid_features": "classifier", "n": 8, "batch_size": 3, "seed": 5}
+
+    first = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
+    assert classifier.images_seen == 16  # 8 real, 8 generated
+    assert first["name"] == "FD-attr" and first["features"] == "classifier:stand-in:0001"
+    assert (first["n_real"], first["n_fake"]) == (8, 8)
+    assert first["conditioned_on_real_labels"] is False
+    assert first["real_stats_cached"] is False
+    assert fid.FrechetDistance().headline(first) == {"FD-attr": f"{first['value']:.2f}"}
+    assert list((cache_dir() / fid.STATS_DIR).glob("*.safetensors"))
+
+    # the same number by hand: first 8 real images, fakes from one seeded generator in batches
+    generator = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        fakes = [vae.generate(k, None, generator=generator) for k in (3, 3, 2)]
+    real = valid.batch(torch.arange(8))[0]
+    expected = fid.frechet_distance_of(StandInFeatures(), [real], [f.clone() for f in fakes])
+    assert first["value"] == pytest.approx(expected, rel=1e-4)
+
+    # a second run (a new benchmark run: fresh tools) reuses the real statistics
+    second = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
+    assert second["real_stats_cached"] is True
+    assert classifier.images_seen == 24  # only the 8 generated images
+    assert second["value"] == pytest.approx(first["value"], rel=1e-6)
+
+    # a different n, or a different extractor, does not reuse them
+    other_n = fid.FrechetDistance().compute(context(vae, path, valid, **{**settings, "n": 6}))
+    assert other_n["real_stats_cached"] is False and other_n["n_real"] == 6
+    use_stand_in(monkeypatch, StandInFeatures(seed=1), "classifier:stand-in:0002")
+    other = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
+    assert other["real_stats_cached"] is False
+    assert other["value"] != pytest.approx(first["value"])
+
+
+def test_fd_attr_with_a_real_attribute_classifier_file(valid, tmp_path):
+    from benchmarks.classifier import AttributeClassifier, save_classifier
+
+    torch.manual_seed(0)
+    classifier = AttributeClassifier("test_resnet", valid.attr_names, 16).eval()
+    classifier_path = tmp_path / "classifier.safetensors"
+    save_classifier(classifier_path, classifier, data=valid.describe())
+    vae, path = tiny_model("vae", valid, tmp_path)
+    settings = {"fid_features": "classifier", "classifier": str(classifier_path), "n": 4}
+    result = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
+    digest = hashlib.sha256(classifier_path.read_bytes()).hexdigest()[:16]
+    assert result["features"] == f"classifier:test_resnet:{digest}"
+    assert result["name"] == "FD-attr" and result["value"] >= 0
+
+
+def test_a_damaged_statistics_cache_is_recomputed(monkeypatch, valid, tmp_path):
+    vae, path = tiny_model("vae", valid, tmp_path)
+    use_stand_in(monkeypatch, StandInFeatures())
+    settings = {"fid_features": "classifier", "n": 5}
+    first = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
+    [stats] = (cache_dir() / fid.STATS_DIR).glob("*.safetensors")
+    stats.write_bytes(b"not a safetensors file")
+    again = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
+    assert again["real_stats_cached"] is False
+    assert again["value"] == pytest.approx(first["value"], rel=1e-6)
+
+
+def test_conditional_models_generate_with_the_real_labels(monkeypatch, valid, tmp_path):
+    cvae, path = tiny_model("cvae", valid, tmp_path)
+    use_stand_in(monkeypatch, StandInFeatures())
+    calls = []
+    generate = cvae.generate
+
+    def recording_generate(n, y=None, *, generator=None):
+        calls.append((n, y, generator))
+        return generate(n, y, generator=generator)
+
+    monkeypatch.setattr(cvae, "generate", recording_generate)
+    bench = context(cvae, path, valid, fid_features="classifier", n=7, batch_size=3)
+    result = fid.FrechetDistance().compute(bench)
+
+    assert [n for n, _, _ in calls] == [3, 3, 1]
+    labels = torch.cat([y for _, y, _ in calls])
+    assert torch.equal(labels, bench.labels[:7])
+    # the model's attribute order, not the data's (tiny_model stored them reversed)
+    assert torch.equal(labels, valid.attrs[:7].flip(1))
+    assert all(isinstance(g, torch.Generator) for _, _, g in calls)
+    assert result["conditioned_on_real_labels"] is True
+
+
+def test_unconditional_models_get_no_labels(monkeypatch, valid, tmp_path):
+    vae, path = tiny_model("vae", valid, tmp_path)
+    use_stand_in(monkeypatch, StandInFeatures())
+    seen = []
+    generate = vae.generate
+    monkeypatch.setattr(
+        vae, "generate", lambda n, y=None, *, generator=None: seen.append(y) or generate(n, y)
+    )
+    fid.FrechetDistance().compute(context(vae, path, valid, fid_features="classifier", n=4))
+    assert seen == [None]
+
+
+def test_settings_that_cannot_give_a_distance_are_errors(monkeypatch, valid, tmp_path):
+    vae, path = tiny_model("vae", valid, tmp_path)
+    use_stand_in(monkeypatch, StandInFeatures())
+    with pytest.raises(ZooError, match="unknown --fid-features 'pixels'"):
+        fid.FrechetDistance().compute(context(vae, path, valid, fid_features="pixels"))
+    with pytest.raises(ZooError, match="at least 2 images"):
+        fid.FrechetDistance().compute(context(vae, path, valid, fid_features="classifier", n=1))
+
+
+# -- FID: the Inception weights --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def stand_in_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A file in the format of torch-fidelity's InceptionV3 weights, with random values.
+
+    The keys and shapes come from torch-fidelity's own class, built on the meta device (no
+    memory, no values) with its weight loading switched off for that one construction.
+    """
+    import torch_fidelity.feature_extractor_inceptionv3 as inception_module
+
+    with pytest.MonkeyPatch.context() as patch, torch.device("meta"):
+        patch.setattr(inception_module, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(
+            inception_module.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None
+        )
+        shapes = inception_module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, meta in shapes.state_dict().items():
+        if meta.dtype == torch.int64:  # num_batches_tracked
+            state[name] = torch.zeros((), dtype=torch.int64)
+        elif name.endswith(("running_var", "bn.weight")):
+            state[name] = torch.rand(meta.shape, generator=generator) + 0.5
+        elif meta.dim() > 1:  # He-scaled, so activations neither vanish nor explode
+            state[name] = (
+                torch.randn(meta.shape, generator=generator) * (2 / meta[0].numel()) ** 0.5
+            )
+        else:
+            state[name] = torch.randn(meta.shape, generator=generator) * 0.1
+    path = tmp_path_factory.mktemp("inception") / "stand-in-inception.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.fixture
+def no_hub_weights(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache and no $ZOO_FID_WEIGHTS; returns where the hub file would be."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    return tmp_path / "torch-home" / "hub" / "checkpoints" / fid.INCEPTION_FILE
+
+
+def assert_same_weights(extractor: fid.Extractor, state: dict[str, torch.Tensor]) -> None:
+    loaded = extractor.metric.inception.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
+
+
+def test_fid_with_weights_from_the_option_end_to_end(
+    stand_in_weights, no_hub_weights, monkeypatch, valid, tmp_path
+):
+    weights, state = stand_in_weights
+    vae, path = tiny_model("vae", valid, tmp_path)
+    # Two copies of one face, and a model that always draws another: both covariances are
+    # exactly zero, so the FID must be the squared distance of two Inception feature vectors.
+    # (It also spares torchmetrics' 2048 x 2048 eigvals, 15-50 s on 2 CPU cores otherwise.)
+    data = dataclasses.replace(
+        valid,
+        images=valid.images[:1].expand(2, -1, -1, -1).clone(),
+        attrs=valid.attrs[:1].expand(2, -1).clone(),
+        filenames=valid.filenames[:1] * 2,
+    )
+    drawn = valid.batch(torch.tensor([1]))[0]
+    monkeypatch.setattr(
+        vae, "generate", lambda n, y=None, *, generator=None: drawn.expand(n, -1, -1, -1)
+    )
+    bench = context(vae, path, data, fid_weights=str(weights))
+    result = fid.FrechetDistance().compute(bench)
+
+    [extractor] = [tool for tool in bench.tools.values() if isinstance(tool, fid.Extractor)]
+    assert_same_weights(extractor, state)
+    with torch.no_grad():  # the two faces through Inception directly, in one batch
+        real, fake = extractor.metric.inception(fid.to_uint8_rgb(valid.batch(torch.arange(2))[0]))
+    assert result["value"] > 0
+    assert result["value"] == pytest.approx((real - fake).double().square().sum().item(), rel=1e-3)
+    assert result["name"] == "FID" and result["features"] == "inception-v3-2048"
+    assert result["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (result["n_real"], result["n_fake"]) == (2, 2)
+    assert fid.FrechetDistance().headline(result) == {"FID": f"{result['value']:.2f}"}
+
+
+def test_fid_weights_from_the_environment_and_the_hub_cache(
+    stand_in_weights, no_hub_weights, monkeypatch, valid, tmp_path
+):
+    weights, state = stand_in_weights
+    vae, path = tiny_model("vae", valid, tmp_path)
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(weights))
+    assert_same_weights(fid.extractor_for(context(vae, path, valid)), state)
+
+    # the option wins over the environment, which wins over the hub cache
+    no_hub_weights.parent.mkdir(parents=True)
+    no_hub_weights.symlink_to(weights)
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"")
+    assert fid.inception_weights_path(str(other)) == other
+    assert fid.inception_weights_path(None) == weights
+    monkeypatch.delenv(fid.WEIGHTS_ENV)
+    assert fid.inception_weights_path(None) == no_hub_weights
+
+
+def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
+    no_hub_weights, valid, tmp_path
+):
+    vae, path = tiny_model("vae", valid, tmp_path)
+    with pytest.raises(ZooError) as error:
+        fid.FrechetDistance().compute(context(vae, path, valid, n=3))
+    message = str(error.value)
+    assert "\n" not in message
+    for part in (
+        str(no_hub_weights),
+        fid.INCEPTION_URL,
+        "--fid-weights PATH",
+        "ZOO_FID_WEIGHTS=PATH",
+        "--fid-features classifier",
+    ):
+        assert part in message
+    # a path given explicitly but absent is an error too, never a silent fall-through
+    with pytest.raises(ZooError, match="--fid-weights .*nowhere.pth is not a file"):
+        fid.inception_weights_path(str(tmp_path / "nowhere.pth"))
+
+
+class Bomb:
+    """Unpickling this creates ``marker``: what a malicious weights file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("form", ["torch.save", "pickle"])
+def test_a_weights_file_that_runs_code_is_refused_unopened(form, no_hub_weights, valid, tmp_path):
+    marker = tmp_path / "marker"
+    bomb = tmp_path / "weights.pth"
+    if form == "torch.save":
+        torch.save({"Conv2d_1a_3x3.conv.weight": Bomb(marker)}, bomb)
+    else:
+        bomb.write_bytes(pickle.dumps(Bomb(marker)))
+    vae, path = tiny_model("vae", valid, tmp_path)
+
+    with pytest.raises(ZooError, match=r"refusing .*weights\.pth.*weights_only=True") as error:
+        fid.FrechetDistance().compute(context(vae, path, valid, fid_weights=str(bomb), n=3))
+    assert "\n" not in str(error.value)
+    assert not marker.exists()
+
+    # the control: the same file loaded as torch-fidelity would on its own does run the code
+    try:
+        loaded = torch.load(bomb, weights_only=False)
+        loaded["Conv2d_1a_3x3.conv.weight"].close()
+    except RuntimeError:  # the bare pickle is not a torch file, but only after it ran
+        pass
+    assert marker.exists()
+
+
+def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, valid, tmp_path):
+    weights = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, weights)
+    vae, path = tiny_model("vae", valid, tmp_path)
+    with pytest.raises(
+        ZooError, match="does not hold torch-fidelity's InceptionV3 weights"
+    ) as error:
+        fid.FrechetDistance().compute(context(vae, path, valid, fid_weights=str(weights), n=3))
+    assert "\n" not in str(error.value)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(weights.read_bytes()[:300])
+    with pytest.raises(ZooError, match="not a readable PyTorch weights file"):
+        fid.inception_fid(truncated)
