@@ -110,6 +110,15 @@ class Metric:
     registry_name: ClassVar[str] = ""
     title: ClassVar[str] = ""
 
+    @classmethod
+    def check_registrable(cls) -> None:
+        """Refuse, at registration, a metric that does not implement compute and headline."""
+        missing = [
+            name for name in ("compute", "headline") if getattr(cls, name) is getattr(Metric, name)
+        ]
+        if missing:
+            raise ZooError(f"{cls.__qualname__} does not implement {' and '.join(missing)}")
+
     def compute(self, context: BenchContext) -> dict[str, Any]:
         raise NotImplementedError
 

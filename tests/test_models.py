@@ -30,7 +30,7 @@ def batch(n: int = 4, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-BUILTINS = ["vae", "beta-vae", "cvae", "beta-cvae"]
+BUILTINS = zoo.list_models()
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -47,8 +47,10 @@ def test_interface_shapes_and_ranges(name):
         assert images.min() >= 0 and images.max() <= 1
     losses = model.loss(x, y)
     assert {"loss", "recon", "kl"} <= set(losses)
-    expected = losses["recon"] + model.config.beta * losses["kl"]
-    torch.testing.assert_close(losses["loss"], expected)
+    assert all(value.dim() == 0 and torch.isfinite(value) for value in losses.values())
+    if type(model).loss is zoo.GenerativeModel.loss:  # the plain (beta-)ELBO
+        expected = losses["recon"] + model.config.beta * losses["kl"]
+        torch.testing.assert_close(losses["loss"], expected)
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -123,6 +125,52 @@ def test_unbuildable_image_size_is_a_clear_error(size):
 def test_cvae_without_attributes_is_a_clear_error():
     with pytest.raises(ZooError, match="conditional and needs num_attributes"):
         zoo.create_model("cvae")
+
+
+def test_total_correlation_terms_add_up_to_the_sampled_kl():
+    """With N = batch size the MI + TC + dimension-wise KL telescope to log q(z|x) - log p(z)."""
+    model = tiny_model("beta-tcvae", beta=1.0)
+    x, _ = batch(6)
+    torch.manual_seed(3)
+    losses = model.loss(x)
+    torch.manual_seed(3)
+    posterior = model.encode(x)
+    z = posterior.sample()
+    sampled_kl = (
+        (
+            torch.distributions.Normal(posterior.mean, posterior.std).log_prob(z)
+            - torch.distributions.Normal(0.0, 1.0).log_prob(z)
+        )
+        .sum(dim=1)
+        .mean()
+    )
+    parts = losses["mutual_information"] + losses["total_correlation"] + losses["dimension_kl"]
+    torch.testing.assert_close(parts, sampled_kl, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(losses["loss"], losses["recon"] + parts, rtol=1e-5, atol=1e-2)
+
+
+def test_tcvae_takes_the_dataset_size_from_the_data(synthetic_faces):
+    from zoo.data import load_data
+    from zoo.registry import get_model_class
+
+    data = load_data(synthetic_faces, "train", 16, progress=False)
+    assert get_model_class("beta-tcvae").data_config(data)["dataset_size"] == len(data)
+    assert "dataset_size" not in get_model_class("vae").data_config(data)
+
+
+def test_iwae_bound_tightens_with_more_samples():
+    torch.manual_seed(0)
+    model = tiny_model("iwae")
+    x, _ = batch(8)
+    with torch.no_grad():
+        one = torch.stack([tiny_loss(model, x, 1) for _ in range(30)]).mean()
+        many = torch.stack([tiny_loss(model, x, 20) for _ in range(30)]).mean()
+    assert many < one  # -log of a tighter lower bound
+
+
+def tiny_loss(model, x, samples):
+    model.config.num_samples = samples
+    return model.loss(x)["loss"]
 
 
 def test_cvae_feeds_labels_as_an_extra_encoder_channel():

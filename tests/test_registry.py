@@ -53,8 +53,9 @@ TINY_PLUGIN = """
 
 def test_builtins_and_wildcards():
     assert {"vae", "beta-vae", "cvae", "beta-cvae"} <= set(zoo.list_models())
-    assert zoo.list_models("beta-*") == ["beta-cvae", "beta-vae"]
-    assert zoo.list_models("*cvae") == ["beta-cvae", "cvae"]
+    assert zoo.list_models("beta-*") == ["beta-cvae", "beta-tc-cvae", "beta-tcvae", "beta-vae"]
+    assert zoo.list_models("*iwae") == ["ciwae", "iwae"]
+    assert zoo.list_models("c?ae") == ["cvae"]
 
 
 def test_beta_variants_only_change_the_default_beta():

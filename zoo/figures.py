@@ -26,7 +26,6 @@ from zoo.latent import (
     labels_for,
     latent_grid,
     load_concept,
-    prior_latents,
     with_assignments,
 )
 from zoo.model import GenerativeModel
@@ -93,7 +92,7 @@ def generation_figure(
     if sweep is not None:
         check_attribute(sweep, info.attr_names, option="--sweep")
     generator = torch.Generator().manual_seed(seed)
-    z = prior_latents(model, n, temperature=temperature, generator=generator).cpu()
+    z = model.sample_prior(n, generator=generator, temperature=temperature).cpu()
     title = f"{model.model_name} samples, seed {seed}, temperature {temperature:g}"
     if model.conditional:
         y = with_assignments(

@@ -108,12 +108,6 @@ def with_assignments(
 # -- generation -----------------------------------------------------------------------------------
 
 
-def prior_latents(
-    model: GenerativeModel, n: int, *, temperature: float = 1.0, generator: torch.Generator | None
-) -> torch.Tensor:
-    return temperature * torch.randn(n, model.latent_dim, generator=generator).to(model.device)
-
-
 @torch.inference_mode()
 def decode(model: GenerativeModel, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """Decode in eval mode on the model's device; y is dropped for unconditional models."""

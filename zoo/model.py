@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ZooError
+
+if TYPE_CHECKING:
+    from zoo.data import ImageData
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 
@@ -136,6 +139,32 @@ class GenerativeModel(nn.Module):
             )
         self.config = config
 
+    @classmethod
+    def data_config(cls, data: ImageData) -> dict[str, Any]:
+        """Config fields that follow from the training data (models may add their own)."""
+        config = {"image_size": data.preprocess.image_size, "channels": data.preprocess.channels}
+        if cls.conditional:
+            config["num_attributes"] = len(data.attr_names)
+        return config
+
+    @classmethod
+    def check_registrable(cls) -> None:
+        """Refuse, at registration, a class that cannot work: it must encode and decode."""
+        missing = [
+            name
+            for name, overridden in (
+                ("encode", cls.encode is not GenerativeModel.encode),
+                (
+                    "decode_logits (or decode)",
+                    cls.decode_logits is not GenerativeModel.decode_logits
+                    or cls.decode is not GenerativeModel.decode,
+                ),
+            )
+            if not overridden
+        ]
+        if missing:
+            raise ZooError(f"{cls.__qualname__} does not implement {' and '.join(missing)}")
+
     @property
     def model_name(self) -> str:
         return self.registry_name or type(self).__name__
@@ -170,9 +199,20 @@ class GenerativeModel(nn.Module):
         temperature: float = 1.0,
     ) -> torch.Tensor:
         """Decode n draws from the prior (scaled by `temperature`)."""
-        device = self.device
-        z = temperature * torch.randn(n, self.latent_dim, generator=generator, device=device)
+        z = self.sample_prior(n, generator=generator, temperature=temperature)
         return self.decode(z, self.check_attributes(y, n))
+
+    def sample_prior(
+        self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """n latent codes from the prior N(0, I), scaled by `temperature`, on the model's device.
+
+        Models with another prior (a mixture, a learned prior) override this; generation,
+        FID and the latent tools all draw through it.
+        """
+        device = generator.device if generator is not None else self.device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return (temperature * z).to(self.device)
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the posterior mean: the deterministic reconstruction used by benchmarks."""

@@ -82,6 +82,9 @@ class PluginRegistry(Generic[T]):
                 f"({_qualname(existing.cls)}) and by {source} ({_qualname(cls)}); "
                 "rename one of them"
             )
+        check = getattr(cls, "check_registrable", None)
+        if check is not None:
+            check()
         cls.registry_name = name
         doc = (cls.__doc__ or "").strip().splitlines()
         self.entries[name] = Entry(name, cls, source, doc[0] if doc else "")

@@ -144,12 +144,7 @@ def load_training_data(settings: TrainSettings, *, progress: bool = True) -> Ima
 def build_model(settings: TrainSettings, data: ImageData) -> GenerativeModel:
     """Create the model with its image geometry and attribute count taken from the data."""
     model_class = get_model_class(settings.model)
-    config = dict(settings.model_config)
-    config["image_size"] = data.preprocess.image_size
-    config["channels"] = data.preprocess.channels
-    if model_class.conditional:
-        config["num_attributes"] = len(data.attr_names)
-    return create_model(settings.model, **config)
+    return create_model(settings.model, **settings.model_config, **model_class.data_config(data))
 
 
 class _Window:
