@@ -234,6 +234,31 @@ def list_command(
         console.print(failed)
 
 
+@app.command("check-plugin")
+@user_errors
+def check_plugin(
+    name: Annotated[str, typer.Argument(help="Registered model name, built-in or plugin.")],
+) -> None:
+    """Run the interface conformance suite on a model; exits 1 if any check fails."""
+    from zoo.conformance import check_model
+    from zoo.registry import MODELS
+
+    results = check_model(name)
+    source = MODELS.entries[name].source
+    table = Table(title=f"conformance of {name} (from {source})")
+    for column in ("check", "result", "detail"):
+        table.add_column(column)
+    for result in results:
+        verdict = "[green]pass[/]" if result.passed else "[red]FAIL[/]"
+        table.add_row(result.name, verdict, result.detail)
+    console.print(table)
+    failed = [result.name for result in results if not result.passed]
+    if failed:
+        err_console.print(f"[red]{name} fails {len(failed)} of {len(results)} checks[/]")
+        raise typer.Exit(1)
+    console.print(f"{name} passes all {len(results)} checks")
+
+
 @app.command()
 @user_errors
 def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors file.")]) -> None:
