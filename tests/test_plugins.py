@@ -1,0 +1,284 @@
+"""Plugins from the outside: the example distribution installed for real, and broken plugins."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from zoo import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "plugins" / "zoo-vampprior"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> dict[str, str]:
+    """The example plugin pip-installed into a private folder; the environment that sees it."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    path = os.pathsep.join([str(target), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
+
+
+def zoo_command(env: dict[str, str], *args: object, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import cli; cli.main()", *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_installed_plugin_works_with_every_command(installed, synthetic_faces, tmp_path):
+    env = {**installed, "ZOO_CACHE_DIR": str(tmp_path / "cache")}
+    listed = zoo_command(env, "list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "vampprior-cvae" in listed.stdout and "zoo-vampprior" in listed.stdout
+
+    checked = zoo_command(env, "check-plugin", "vampprior-cvae", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "passes all 12 checks" in checked.stdout
+
+    trained = zoo_command(
+        env,
+        "train",
+        "vampprior-cvae",
+        "--data",
+        synthetic_faces,
+        "--image-size",
+        16,
+        "--max-steps",
+        3,
+        "--batch-size",
+        16,
+        "--no-progress",
+        "-o",
+        "base_channels=4",
+        "-o",
+        "max_channels=8",
+        "-o",
+        "num_pseudo_inputs=5",
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr
+    [checkpoint] = (tmp_path / "runs").glob("vampprior-cvae-*/model.safetensors")
+    info = json.loads(zoo_info_json(env, checkpoint, tmp_path))
+    assert info == {"model": "vampprior-cvae", "source": "zoo-vampprior"}
+
+    generated = zoo_command(
+        env,
+        "generate",
+        checkpoint,
+        "-n",
+        4,
+        "--attr",
+        "Smiling=1",
+        "--out",
+        tmp_path / "g.png",
+        cwd=tmp_path,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert (tmp_path / "g.png").stat().st_size > 0
+    edited = zoo_command(
+        env,
+        "edit",
+        checkpoint,
+        "--set",
+        "Smiling=1",
+        "-n",
+        2,
+        "--out",
+        tmp_path / "e.png",
+        cwd=tmp_path,
+    )
+    assert edited.returncode == 0, edited.stderr
+    benched = zoo_command(
+        env,
+        "bench",
+        checkpoint,
+        "--metric",
+        "recon",
+        "--metric",
+        "throughput",
+        "--n",
+        8,
+        "--throughput-batch-size",
+        4,
+        "--no-progress",
+        "--out",
+        tmp_path / "r.json",
+        cwd=tmp_path,
+    )
+    assert benched.returncode == 0, benched.stderr
+    result = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert result["model"] == "vampprior-cvae" and result["source"] == "zoo-vampprior"
+    assert result["metrics"]["recon"]["n"] == 8
+
+
+def zoo_info_json(env: dict[str, str], checkpoint: Path, cwd: Path) -> str:
+    code = (
+        "import json, zoo; i = zoo.read_info(__import__('sys').argv[1]); "
+        "print(json.dumps({'model': i.model_name, 'source': i.source}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_the_plugins_own_tests_pass(installed):
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+        env=installed,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert " passed" in done.stdout
+
+
+# -- broken plugins ------------------------------------------------------------------------------
+
+BROKEN = {
+    "raising_plugin": "raise ImportError('needs a package that is not installed')",
+    "methodless_plugin": """
+        import zoo
+
+        class NoDecoder(zoo.GenerativeModel):
+            def encode(self, x, y=None):
+                raise NotImplementedError
+    """,
+    "misshapen_plugin": """
+        import torch
+        from zoo.models.vae import VAE
+
+        class Misshapen(VAE):
+            def decode(self, z, y=None):
+                return super().decode(z, y)[:, :, :-1]  # one row short
+    """,
+}
+
+
+@pytest.fixture
+def broken_plugins(monkeypatch, tmp_path):
+    for module, body in BROKEN.items():
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(body))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = [
+        importlib.metadata.EntryPoint("raising", "raising_plugin:Model", "zoo.models"),
+        importlib.metadata.EntryPoint("methodless", "methodless_plugin:NoDecoder", "zoo.models"),
+        importlib.metadata.EntryPoint("misshapen", "misshapen_plugin:Misshapen", "zoo.models"),
+        importlib.metadata.EntryPoint("vae", "misshapen_plugin:Misshapen", "zoo.models"),
+    ]
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        lambda **p: (
+            importlib.metadata.EntryPoints(points) if p.get("group") == "zoo.models" else real(**p)
+        ),
+    )
+    registry.MODELS.names()
+    monkeypatch.setattr(registry.MODELS, "entries", dict(registry.MODELS.entries))
+    monkeypatch.setattr(registry.MODELS, "broken", {})
+    monkeypatch.setattr(registry.MODELS, "plugins_loaded", False)
+
+
+def test_broken_plugins_are_named_and_zoo_list_still_works(broken_plugins):
+    result = CliRunner().invoke(app, ["list"])
+    assert result.exit_code == 0, result.output
+    assert "cvae" in result.output and "misshapen" in result.output
+    failed = result.output.split("plugins that failed to load")[1]
+    assert "raising" in failed and "methodless" in failed
+    errors = {plugin.name: plugin.error for plugin in registry.MODELS.all_broken()}
+    assert "needs a package that is not installed" in errors["raising"]
+    assert "does not implement decode_logits" in errors["methodless"]
+    assert "registered twice: by zoo" in errors["vae"]  # the clash with the built-in vae
+
+
+def test_check_plugin_names_the_broken_promise(broken_plugins):
+    result = CliRunner().invoke(app, ["check-plugin", "misshapen"])
+    assert result.exit_code == 1
+    assert "expected (3, 3, 16, 16)" in result.output and "FAIL" in result.output
+    assert "misshapen fails" in result.output
+
+
+def test_every_builtin_model_passes_the_conformance_suite():
+    for name in registry.MODELS.names():
+        if registry.MODELS.entries[name].source != "zoo":
+            continue
+        result = CliRunner().invoke(app, ["check-plugin", name])
+        assert result.exit_code == 0, result.output
+
+
+def _readme_block(after: str) -> str:
+    """The first fenced code block after the line `after` in the README."""
+    text = (ROOT / "README.md").read_text()
+    rest = text[text.index(after) :]
+    start = rest.index("```")
+    body_start = rest.index("\n", start) + 1
+    return rest[body_start : rest.index("```", body_start)]
+
+
+def test_the_readme_plugin_example_installs_and_conforms(tmp_path):
+    package = tmp_path / "my-zoo-model"
+    package.mkdir()
+    (package / "pyproject.toml").write_text(_readme_block("`pyproject.toml`:"))
+    (package / "my_zoo_model.py").write_text(_readme_block("`my_zoo_model.py`:"))
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    checked = zoo_command(env, "check-plugin", "mlp-vae", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "my-zoo-model" in checked.stdout and "passes all 12 checks" in checked.stdout
