@@ -4,6 +4,8 @@ Each stage halves (or doubles) the resolution until a 4 x 4 map, so the depth
 follows the image size and widths grow from `base_channels` up to `max_channels`.
 GroupNorm rather than BatchNorm: outputs then do not depend on the batch, which
 keeps evaluation, distributed training and checkpoints free of running statistics.
+Convolutions that feed a GroupNorm have no bias: the norm removes it, and a
+parameter whose gradient is rounding noise only makes runs diverge.
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ class ConvEncoder(nn.Module):
         layers: list[nn.Module] = []
         previous = in_channels
         for width in widths:
-            layers += [nn.Conv2d(previous, width, 4, stride=2, padding=1), _norm(width), nn.SiLU()]
+            layers += [
+                nn.Conv2d(previous, width, 4, stride=2, padding=1, bias=False),
+                _norm(width),
+                nn.SiLU(),
+            ]
             previous = width
         self.stages = nn.Sequential(*layers)
         self.out_features = previous * FINAL_MAP * FINAL_MAP
@@ -77,7 +83,7 @@ class ConvDecoder(nn.Module):
         layers: list[nn.Module] = [_norm(widths[0]), nn.SiLU()]
         for width, next_width in zip(widths, [*widths[1:], widths[-1]], strict=True):
             layers += [
-                nn.ConvTranspose2d(width, next_width, 4, stride=2, padding=1),
+                nn.ConvTranspose2d(width, next_width, 4, stride=2, padding=1, bias=False),
                 _norm(next_width),
                 nn.SiLU(),
             ]
