@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -114,7 +115,7 @@ def train(
     ] = None,
     device: Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N.")] = "auto",
     precision: Annotated[
-        str, typer.Option(help="auto (bf16 on capable CUDA), fp32, bf16.")
+        str, typer.Option(help="auto (bf16 on CUDA or AMX CPUs), fp32, bf16.")
     ] = "auto",
     kl_warmup: Annotated[int, typer.Option(help="Steps of linear KL warm-up (0 = none).")] = 0,
     out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
@@ -130,11 +131,21 @@ def train(
     ] = None,
     on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop or skip.")] = "stop",
     strict: Annotated[bool, typer.Option(help="Fail on any unreadable image.")] = False,
+    flip: Annotated[bool, typer.Option(help="Random horizontal flips of training images.")] = True,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the training step.")
+    ] = False,
+    nproc: Annotated[
+        int, typer.Option(help="Processes on this machine (DDP through torchrun).")
+    ] = 1,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Train a registered model; writes runs/<model>-<time>/ with weights, samples and logs."""
+    from zoo.distributed import launched_ranks, relaunch
     from zoo.train import Trainer, TrainSettings, resume_settings
 
+    if nproc > 1 and launched_ranks() is None:
+        raise typer.Exit(relaunch(nproc, sys.argv[1:]))
     if resume is not None:
         settings = resume_settings(resume, epochs=epochs, max_steps=max_steps)
     else:
@@ -170,10 +181,15 @@ def train(
             sample_every=sample_every,
             save_every=save_every,
             kl_warmup_steps=kl_warmup,
+            compile=compile_model,
+            flip=flip,
             strict=strict,
             on_nan=on_nan,
         )
     trainer = Trainer(settings, resume=resume, progress=progress)
+    if not trainer.is_main:  # under DDP only rank 0 reports
+        trainer.run()
+        return
     data_used, parameters = trainer.data, sum(p.numel() for p in trainer.model.parameters())
     console.print(
         f"training [bold]{settings.model}[/] ({parameters:,} parameters) on {data_used.name} "

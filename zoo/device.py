@@ -28,10 +28,21 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 is faster than fp32 here: CUDA with bf16 support, or a CPU with AMX tiles
+    (on other CPUs bf16 convolutions are emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(amx and amx())
+    return False
+
+
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto`` means bf16 on a CUDA device that supports it, fp32 elsewhere."""
+    """``auto`` means bf16 where it is fast (see `fast_bf16`), fp32 elsewhere."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if fast_bf16(device) else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ZooError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
     return precision

@@ -214,6 +214,12 @@ class GenerativeModel(nn.Module):
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
         return (temperature * z).to(self.device)
 
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """Calling the model computes its training loss, so DDP and torch.compile wrap it."""
+        return self.loss(x, y, kl_weight=kl_weight)
+
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the posterior mean: the deterministic reconstruction used by benchmarks."""
         return self.decode(self.encode(x, y).mean, y)

@@ -5,6 +5,10 @@ a JSON-lines metrics log, PNG sample grids, ``model.safetensors`` and
 ``train_state.safetensors`` for ``--resume``. Data order is a function of
 (seed, epoch) and the RNG state is saved with the optimizer, so a resumed run
 continues exactly where the saved one stopped.
+
+Under ``torchrun`` the same loop runs as PyTorch DDP: every rank holds the whole
+(memory-mapped) data, takes its shard of each global batch, and rank 0 alone logs,
+draws samples and saves, so the checkpoint format does not change.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from rich.progress import (
 )
 
 import zoo
+from zoo import distributed
 from zoo.checkpoint import load_train_state, read_info, save_checkpoint, save_train_state
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.device import autocast, pick_device, resolve_precision
@@ -72,6 +78,7 @@ class TrainSettings:
     flip: bool = True
     strict: bool = False
     on_nan: str = "stop"
+    compile: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "save_every", "log_every"):
@@ -100,17 +107,36 @@ def _epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_items, generator=generator)
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
+def _rng_key(kind: str, ranks: distributed.Ranks | None) -> str:
+    return kind if ranks is None else f"{kind}.{ranks.rank}"
+
+
+def _rng_state(device: torch.device, ranks: distributed.Ranks | None) -> dict[str, torch.Tensor]:
+    """This process's RNG states; under DDP every rank's, gathered (a collective call)."""
+    states = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+        states["cuda"] = torch.cuda.get_rng_state(device).to(device)
+    if ranks is None:
+        return {kind: state.cpu() for kind, state in states.items()}
+    gathered = {}
+    for kind, state in states.items():
+        for rank, rank_state in enumerate(distributed.gather_rng_states(state.to(device), ranks)):
+            gathered[f"{kind}.{rank}"] = rank_state.cpu()
+    return gathered
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def _set_rng_state(
+    states: dict[str, torch.Tensor], device: torch.device, ranks: distributed.Ranks | None
+) -> None:
+    cpu = states.get(_rng_key("cpu", ranks))
+    if cpu is None:  # resumed with more processes than saved: a fresh, rank-specific stream
+        log.warning("no saved RNG state for this rank; its noise stream is reseeded")
+        torch.manual_seed(int(torch.seed()) + (ranks.rank if ranks else 0))
+        return
+    torch.set_rng_state(cpu)
+    cuda = states.get(_rng_key("cuda", ranks))
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _new_run_dir(out: Path, model_name: str) -> Path:
@@ -165,6 +191,13 @@ class _Window:
         self.steps += 1
         self.images += images
 
+    def reduce(self) -> None:
+        """Average the losses and add up the images of all ranks (DDP)."""
+        extra = torch.tensor([float(self.images)], device=self.sums.device)
+        totals = distributed.sum_over_ranks(torch.cat([self.sums, extra]))
+        self.sums = totals[:3] / torch.distributed.get_world_size()
+        self.images = int(totals[3].item())
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
@@ -189,14 +222,21 @@ class Trainer:
         settings.validate()
         get_model_class(settings.model)  # an unknown name fails before any data work
         self.settings = settings
-        self.show_progress = progress
-        self.device = pick_device(settings.device)
+        self.ranks = distributed.launched_ranks()
+        self.is_main = self.ranks is None or self.ranks.is_main
+        self.show_progress = progress and self.is_main
+        if self.ranks is None:
+            self.device = pick_device(settings.device)
+        else:
+            self.device = distributed.device_for(self.ranks, settings.device)
+            distributed.join(self.ranks, self.device)
         self.precision = resolve_precision(self.device, settings.precision)
-        self.data = load_training_data(settings, progress=progress)
-        if len(self.data) == 0:
-            raise ZooError(f"split {settings.split!r} of {self.data.root} has no images")
+        self.data = self._load_data()
         torch.manual_seed(settings.seed)
         self.model = build_model(settings, self.data).to(self.device)
+        if self.ranks is not None:  # same weights everywhere, a different noise stream per rank
+            torch.manual_seed(settings.seed * 1_000_003 + self.ranks.rank)
+        self.trainable = self._trainable()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
         self.steps_per_epoch = math.ceil(len(self.data) / settings.batch_size)
         self.total_steps = settings.epochs * self.steps_per_epoch
@@ -209,12 +249,42 @@ class Trainer:
         self.last_losses: dict[str, float] = {}
         self.last_saved_step = 0
         if resume is None:
-            self.run_dir = _new_run_dir(Path(settings.out), settings.model)
+            self.run_dir = self._new_run_dir()
         else:
             self.run_dir = Path(resume)
             self._restore()
-        (self.run_dir / SETTINGS_FILE).write_text(json.dumps(self._settings_record(), indent=2))
+        if self.is_main:
+            record = json.dumps(self._settings_record(), indent=2)
+            (self.run_dir / SETTINGS_FILE).write_text(record)
         self.preview = self._preview_batch()
+
+    def _load_data(self) -> ImageData:
+        """Rank 0 prepares the cache first; the other ranks then only read it."""
+        if self.ranks is not None and not self.is_main:
+            torch.distributed.barrier()
+        data = load_training_data(self.settings, progress=self.show_progress)
+        if self.ranks is not None and self.is_main:
+            torch.distributed.barrier()
+        if len(data) == 0:
+            raise ZooError(f"split {self.settings.split!r} of {data.root} has no images")
+        return data
+
+    def _trainable(self) -> torch.nn.Module:
+        """The module the loop calls: the model, wrapped in DDP and/or torch.compile."""
+        trainable: torch.nn.Module = self.model
+        if self.ranks is not None:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            trainable = torch.nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids)
+        if self.settings.compile:
+            trainable = torch.compile(trainable)
+        return trainable
+
+    def _new_run_dir(self) -> Path:
+        """Rank 0 names and creates the run folder; the other ranks learn its name."""
+        path = _new_run_dir(Path(self.settings.out), self.settings.model) if self.is_main else None
+        if self.ranks is None:
+            return path
+        return Path(distributed.broadcast_text(str(path or ""), self.ranks, self.device))
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -250,7 +320,7 @@ class Trainer:
         self.optimizer.load_state_dict(state.optimizer_state)
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr
-        _set_rng_state(state.rng_state, self.device)
+        _set_rng_state(state.rng_state, self.device, self.ranks)
         self.step = state.step
         self.last_saved_step = state.step
         self.wall_time = float(state.extra.get("wall_time", 0.0))
@@ -274,7 +344,9 @@ class Trainer:
             "wall_time_s": round(self.wall_time, 2),
             "images_per_s": round(self.images_seen / max(self.wall_time, 1e-9), 1),
             "device": str(self.device),
+            "processes": self.ranks.world_size if self.ranks else 1,
             "precision": self.precision,
+            "compiled": self.settings.compile,
             "versions": {
                 "zoo": zoo.__version__,
                 "torch": torch.__version__,
@@ -283,7 +355,13 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Write weights, then training state; each write is atomic on its own."""
+        """Write weights, then training state; each write is atomic on its own.
+
+        Under DDP every rank calls this (the RNG states are gathered); rank 0 writes.
+        """
+        rng_state = _rng_state(self.device, self.ranks)
+        if not self.is_main:
+            return
         self.model.eval()
         attr_rates = self.data.attrs.mean(dim=0).tolist() if self.data.attr_names else []
         save_checkpoint(
@@ -300,7 +378,7 @@ class Trainer:
             self.run_dir / STATE_FILE,
             self.optimizer,
             step=self.step,
-            rng_state=_rng_state(self.device),
+            rng_state=rng_state,
             extra={
                 "wall_time": self.wall_time,
                 "images_seen": self.images_seen,
@@ -310,7 +388,9 @@ class Trainer:
         self.last_saved_step = self.step
         self.model.train()
 
-    def write_samples(self) -> Path:
+    def write_samples(self) -> Path | None:
+        if not self.is_main:
+            return None
         self.model.eval()
         images, attrs = self.preview
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
@@ -321,8 +401,12 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def _batch_index(self, order: torch.Tensor) -> torch.Tensor:
+        """This process's share of the step's global batch."""
         start = (self.step % self.steps_per_epoch) * self.settings.batch_size
-        return order[start : start + self.settings.batch_size]
+        index = order[start : start + self.settings.batch_size]
+        if self.ranks is None:
+            return index
+        return index.tensor_split(self.ranks.world_size)[self.ranks.rank]
 
     def _kl_weight(self) -> float:
         warmup = self.settings.kl_warmup_steps
@@ -331,8 +415,13 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """One optimizer step; None when the loss was not finite and the step was skipped."""
         with autocast(self.device, self.precision):
-            losses = self.model.loss(x, y, kl_weight=self._kl_weight())
-        if not torch.isfinite(losses["loss"]):
+            losses = self.trainable(x, y, kl_weight=self._kl_weight())
+        finite = (
+            distributed.all_finite(losses["loss"])
+            if self.ranks is not None
+            else bool(torch.isfinite(losses["loss"]))
+        )
+        if not finite:
             if self.settings.on_nan == "stop":
                 raise ZooError(self._nan_message(losses))
             log.warning("non-finite loss at step %d; step skipped", self.step + 1)
@@ -349,7 +438,8 @@ class Trainer:
         window = _Window(self.device)
         order = _epoch_order(len(self.data), settings.seed, self.step // self.steps_per_epoch)
         self.model.train()
-        with self._progress() as progress, (self.run_dir / METRICS_FILE).open("a") as metrics:
+        metrics_path = self.run_dir / METRICS_FILE if self.is_main else Path(os.devnull)
+        with self._progress() as progress, metrics_path.open("a") as metrics:
             task = progress.add_task(
                 settings.model, total=self.total_steps, completed=self.step, stats=""
             )
@@ -366,7 +456,9 @@ class Trainer:
                     self.step += 1
                     if losses is not None:
                         window.add(losses, x.shape[0])
-                        self.images_seen += x.shape[0]
+                        self.images_seen += x.shape[0] * (
+                            self.ranks.world_size if self.ranks else 1
+                        )
                     epoch_end = self.step % self.steps_per_epoch == 0
                     finished = self.step == self.total_steps
                     if window.steps >= settings.log_every or epoch_end or finished:
@@ -382,11 +474,16 @@ class Trainer:
                 interrupted = True
                 self.wall_time += window.elapsed()
                 self.save()
+            finally:
+                if self.ranks is not None:
+                    distributed.leave()
         return TrainResult(self.run_dir, self.step, self.total_steps, interrupted, self.summary())
 
     def _log(self, window: _Window, metrics: Any) -> None:
         """Close a logging window: the only place the loop syncs with the device."""
         self.wall_time += window.elapsed()
+        if self.ranks is not None:
+            window.reduce()
         if window.steps:
             self.last_losses = window.means()
         record = {
