@@ -316,9 +316,9 @@ def metric_device(device: torch.device) -> torch.device:
     return torch.device("cpu") if device.type == "mps" else device
 
 
-def extractor_for(context: BenchContext) -> Extractor:
-    """The extractor ``--fid-features`` asks for, built once per benchmark run."""
-    choice = context.settings.fid_features
+def extractor_for(context: BenchContext, choice: str | None = None) -> Extractor:
+    """The extractor ``--fid-features`` (or `choice`) asks for, built once per benchmark run."""
+    choice = choice or context.settings.fid_features
     if choice == "inception":
         weights = inception_weights_path(context.settings.fid_weights).resolve()
         stat = weights.stat()
@@ -499,12 +499,15 @@ class FrechetDistance(Metric):
         key = stats_key(context, extractor, count)
         path = stats_path(key)
         cached = load_stats(path, key, metric)
+        real_started = time.perf_counter()
         if cached is not None:
             set_real_stats(metric, cached)
         else:
             extract_real(context, extractor, count)
             save_stats(path, key, real_stats(metric))
+        fake_started = time.perf_counter()
         extract_fake(context, extractor, count)
+        fake_seconds = time.perf_counter() - fake_started
         value = float(metric.compute())
         return {
             "name": extractor.name,
@@ -514,6 +517,8 @@ class FrechetDistance(Metric):
             "features": extractor.features,
             "conditioned_on_real_labels": bool(context.model.conditional),
             "real_stats_cached": cached is not None,
+            "real_features_img_per_s": None if cached else count / (fake_started - real_started),
+            "generate_and_features_img_per_s": count / fake_seconds,
             "seconds": time.perf_counter() - started,
             **extractor.details,
         }

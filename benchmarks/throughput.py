@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from benchmarks.metric import BenchContext, Metric, register_metric
+from zoo.errors import ZooError
 
 WARMUP_CALLS = 2
 
@@ -78,6 +79,7 @@ class Throughput(Metric):
             ),
             "train_step": train_step,
         }
+        operations.update(self._feature_extractors(context, images))
         rates, medians, peaks = {}, {}, {}
         for name, call in operations.items():
             median, peak = time_call(call, device, settings.throughput_repeats)
@@ -94,7 +96,27 @@ class Throughput(Metric):
             "median_ms": medians,
             "peak_memory_mb": peaks if device.type == "cuda" else None,
             "peak_memory_note": None if device.type == "cuda" else f"not reported on {device.type}",
+            "not_measured": self.not_measured,
         }
+
+    def _feature_extractors(
+        self, context: BenchContext, images: torch.Tensor
+    ) -> dict[str, Callable[[], Any]]:
+        """FID feature extraction per extractor that is available here; the rest say why not."""
+        from benchmarks.fid import FEATURE_CHOICES, extractor_for
+
+        calls: dict[str, Callable[[], Any]] = {}
+        self.not_measured: dict[str, str] = {}
+        for choice in FEATURE_CHOICES:
+            try:
+                extractor = extractor_for(context, choice)
+            except ZooError as error:
+                self.not_measured[f"fid_features_{choice}"] = str(error).split(";")[0]
+                continue
+            prepared = extractor.prepare(images).to(extractor.device)
+            features = extractor.metric.inception
+            calls[f"fid_features_{choice}"] = torch.no_grad()(lambda f=features, p=prepared: f(p))
+        return calls
 
     def headline(self, result: dict[str, Any]) -> dict[str, str]:
         rates = result["images_per_s"]

@@ -217,7 +217,11 @@ def test_report_schema(runs):
     assert cvae["model"] == "cvae" and vae["model"] == "vae" and not cvae["errors"]
     assert {"mse", "psnr", "ssim", "n"} <= set(cvae["metrics"]["recon"])
     rates = cvae["metrics"]["throughput"]["images_per_s"]
-    assert set(rates) == {"encode", "decode", "generate", "train_step"} and min(rates.values()) > 0
+    assert set(rates) == {"encode", "decode", "generate", "train_step", "fid_features_classifier"}
+    assert min(rates.values()) > 0
+    not_measured = cvae["metrics"]["throughput"]["not_measured"]
+    assert "weights-inception-2015-12-05-6726825d.pth" in not_measured["fid_features_inception"]
+    assert cvae["metrics"]["fid"]["generate_and_features_img_per_s"] > 0
     assert cvae["metrics"]["fid"]["name"] == "FD-attr" and cvae["metrics"]["fid"]["n_real"] == 8
     edit = cvae["metrics"]["edit"]
     assert edit["method"] == "label swap" and len(edit["attributes"]) == 17
