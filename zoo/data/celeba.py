@@ -204,6 +204,8 @@ def _parse_signs(
     than splitting 8 million tokens in Python. Only a bad file takes the slow path that finds
     the offending line.
     """
+    if not rests:  # a label file of no images: only its header
+        return np.zeros((0, len(attr_names)), dtype=np.int8)
     data = "\n".join(rests).encode()
     malformed = (
         data.translate(None, b" \t\n-1")
