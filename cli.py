@@ -103,7 +103,9 @@ def train(
     image_size: Annotated[
         int | None, typer.Option(help="Square image side (64; 32 for MNIST).")
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the split.")] = 10,
+    epochs: Annotated[
+        int | None, typer.Option(help="Passes over the split (10; a resumed run keeps its own).")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -132,6 +134,9 @@ def train(
     on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop or skip.")] = "stop",
     strict: Annotated[bool, typer.Option(help="Fail on any unreadable image.")] = False,
     flip: Annotated[bool, typer.Option(help="Random horizontal flips of training images.")] = True,
+    deterministic: Annotated[
+        bool, typer.Option(help="Deterministic algorithms only (bit-reproducible, slower).")
+    ] = False,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the training step.")
     ] = False,
@@ -170,7 +175,7 @@ def train(
             split=split,
             image_size=image_size,
             attributes=attributes.split(",") if attributes else None,
-            epochs=epochs,
+            epochs=epochs or TrainSettings.epochs,
             max_steps=max_steps,
             batch_size=batch_size,
             lr=lr,
@@ -183,6 +188,7 @@ def train(
             kl_warmup_steps=kl_warmup,
             compile=compile_model,
             flip=flip,
+            deterministic=deterministic,
             strict=strict,
             on_nan=on_nan,
         )

@@ -143,7 +143,9 @@ def test_training_state_round_trip(tmp_path):
     optimizer.step()
     rng = torch.get_rng_state()
     path = tmp_path / "state.safetensors"
-    checkpoint.save_train_state(path, optimizer, step=12, rng_state={"cpu": rng}, extra={"a": 1})
+    checkpoint.save_train_state(
+        path, model, optimizer, step=12, rng_state={"cpu": rng}, extra={"a": 1}
+    )
     state = checkpoint.load_train_state(path)
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
     fresh.load_state_dict(state.optimizer_state)
@@ -151,3 +153,5 @@ def test_training_state_round_trip(tmp_path):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(fresh.state[p][key], optimizer.state[p][key])
     assert state.step == 12 and state.extra == {"a": 1} and torch.equal(state.rng_state["cpu"], rng)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state.model_state[name], tensor)

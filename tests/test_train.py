@@ -97,7 +97,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         return losses
 
     monkeypatch.setattr(trainer.model, "loss", poisoned)
-    with pytest.raises(ZooError, match="loss is not finite at step 5.*from step 4"):
+    with pytest.raises(ZooError, match="loss or gradient is not finite at step 5.*from step 4"):
         trainer.run()
     assert zoo.read_info(trainer.run_dir / "model.safetensors").training["steps"] == 4
 

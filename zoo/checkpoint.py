@@ -211,15 +211,20 @@ def read_tensors_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], d
 
 def save_train_state(
     path: Path,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
     step: int,
     rng_state: dict[str, torch.Tensor],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Save optimizer moments, the step counter and RNG states without pickle."""
+    """Save weights, optimizer moments, the step counter and RNG states without pickle.
+
+    The weights are stored here too, so the state a run resumes from is one file written in
+    one atomic step, whatever happened to ``model.safetensors`` around it.
+    """
     optimizer_state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in optimizer_state["state"].items():
         for key, value in values.items():
@@ -243,6 +248,7 @@ def save_train_state(
 @dataclass
 class TrainState:
     step: int
+    model_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, Any]
     rng_state: dict[str, torch.Tensor]
     extra: dict[str, Any]
@@ -257,16 +263,19 @@ def load_train_state(path: Path) -> TrainState:
     state: dict[int, dict[str, Any]] = {}
     for index, values in _json(path, metadata, "optimizer_scalars", {}).items():
         state.setdefault(int(index), {}).update(values)
-    rng_state = {}
+    rng_state, model_state = {}, {}
     for name, tensor in tensors.items():
         group, _, rest = name.partition(".")
-        if group == "optimizer":
+        if group == "model":
+            model_state[rest] = tensor
+        elif group == "optimizer":
             index, _, key = rest.partition(".")
             state.setdefault(int(index), {})[key] = tensor
         elif group == "rng":
             rng_state[rest] = tensor
     return TrainState(
         step=int(metadata.get("step", "0")),
+        model_state=model_state,
         optimizer_state={
             "state": state,
             "param_groups": _json(path, metadata, "param_groups", []),

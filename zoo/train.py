@@ -37,7 +37,7 @@ from rich.progress import (
 
 import zoo
 from zoo import distributed
-from zoo.checkpoint import load_train_state, read_info, save_checkpoint, save_train_state
+from zoo.checkpoint import load_train_state, save_checkpoint, save_train_state
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.device import autocast, pick_device, resolve_precision
 from zoo.errors import ZooError
@@ -79,6 +79,7 @@ class TrainSettings:
     strict: bool = False
     on_nan: str = "stop"
     compile: bool = False
+    deterministic: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "save_every", "log_every"):
@@ -137,6 +138,20 @@ def _set_rng_state(
     cuda = states.get(_rng_key("cuda", ranks))
     if device.type == "cuda" and cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the step a run resumes from (and a line cut short by a crash)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def _new_run_dir(out: Path, model_name: str) -> Path:
@@ -231,6 +246,10 @@ class Trainer:
             self.device = distributed.device_for(self.ranks, settings.device)
             distributed.join(self.ranks, self.device)
         self.precision = resolve_precision(self.device, settings.precision)
+        if settings.deterministic:
+            # cuBLAS needs this workspace setting to be deterministic; harmless elsewhere
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.data = self._load_data()
         torch.manual_seed(settings.seed)
         self.model = build_model(settings, self.data).to(self.device)
@@ -299,30 +318,36 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        model_path, state_path = self.run_dir / MODEL_FILE, self.run_dir / STATE_FILE
-        if not model_path.is_file() or not state_path.is_file():
+        """Continue from ``train_state.safetensors``: weights, optimizer, step and RNG."""
+        state_path = self.run_dir / STATE_FILE
+        if not state_path.is_file():
             raise ZooError(
-                f"cannot resume {self.run_dir}: {MODEL_FILE} or {STATE_FILE} is missing "
-                "(the run never saved); start a new run instead"
+                f"cannot resume {self.run_dir}: {STATE_FILE} is missing (the run never saved); "
+                "start a new run instead"
             )
-        info = read_info(model_path)
-        fingerprint = info.data.get("fingerprint")
+        state = load_train_state(state_path)
+        fingerprint = state.extra.get("data_fingerprint")
         if fingerprint and fingerprint != self.data.fingerprint:
             raise ZooError(
-                f"cannot resume {self.run_dir}: its data ({info.data.get('root')}) has changed "
-                "since the run started (fingerprint differs); start a new run"
+                f"cannot resume {self.run_dir}: its data ({self.data.root}) has changed since "
+                "the run started (fingerprint differs); start a new run"
             )
-        from zoo.checkpoint import load
-
-        saved = load(model_path)
-        self.model.load_state_dict(saved.state_dict())
-        state = load_train_state(state_path)
-        self.optimizer.load_state_dict(state.optimizer_state)
+        try:
+            self.model.load_state_dict(state.model_state)
+            self.optimizer.load_state_dict(state.optimizer_state)
+        except (RuntimeError, ValueError, KeyError) as error:
+            reason = str(error).splitlines()[0]
+            raise ZooError(
+                f"{state_path} does not match the {self.settings.model} model of this run "
+                f"({reason}); the run folder is damaged"
+            ) from None
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr
         _set_rng_state(state.rng_state, self.device, self.ranks)
         self.step = state.step
         self.last_saved_step = state.step
+        if self.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, state.step)
         self.wall_time = float(state.extra.get("wall_time", 0.0))
         self.images_seen = int(state.extra.get("images_seen", 0))
         self.last_losses = state.extra.get("last_losses", {})
@@ -376,6 +401,7 @@ class Trainer:
         )
         save_train_state(
             self.run_dir / STATE_FILE,
+            self.model,
             self.optimizer,
             step=self.step,
             rng_state=rng_state,
@@ -383,6 +409,7 @@ class Trainer:
                 "wall_time": self.wall_time,
                 "images_seen": self.images_seen,
                 "last_losses": self.last_losses,
+                "data_fingerprint": self.data.fingerprint,
             },
         )
         self.last_saved_step = self.step
@@ -413,21 +440,30 @@ class Trainer:
         return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """One optimizer step; None when the loss was not finite and the step was skipped."""
+        """One optimizer step; None when the step was skipped for a non-finite loss or gradient.
+
+        The finiteness check is the loop's one host sync per step: a NaN must be caught at the
+        step it appears, before the optimizer writes it into the weights.
+        """
         with autocast(self.device, self.precision):
             losses = self.trainable(x, y, kl_weight=self._kl_weight())
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        health = torch.stack(
+            [losses["loss"].detach().float(), torch.nn.utils.get_total_norm(grads)]
+        )
         finite = (
-            distributed.all_finite(losses["loss"])
+            distributed.all_finite(health.sum())
             if self.ranks is not None
-            else bool(torch.isfinite(losses["loss"]))
+            else bool(torch.isfinite(health).all())
         )
         if not finite:
             if self.settings.on_nan == "stop":
-                raise ZooError(self._nan_message(losses))
-            log.warning("non-finite loss at step %d; step skipped", self.step + 1)
+                raise ZooError(self._nan_message(losses, health[1]))
+            log.warning("non-finite loss or gradient at step %d; step skipped", self.step + 1)
+            self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
         self.optimizer.step()
         return losses
 
@@ -510,8 +546,9 @@ class Trainer:
             else ""
         )
 
-    def _nan_message(self, losses: dict[str, torch.Tensor]) -> str:
+    def _nan_message(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> str:
         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        parts += f", gradient norm={grad_norm.item():.4g}"
         kept = (
             f"the last good checkpoint {self.run_dir / MODEL_FILE} is from step "
             f"{self.last_saved_step}"
@@ -519,7 +556,7 @@ class Trainer:
             else "nothing was saved"
         )
         return (
-            f"loss is not finite at step {self.step + 1} ({parts}); {kept}; "
+            f"loss or gradient is not finite at step {self.step + 1} ({parts}); {kept}; "
             "lower --lr, or pass --on-nan skip to skip such steps"
         )
 
