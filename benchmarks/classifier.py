@@ -44,7 +44,6 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +62,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import zoo
-from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save
+from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save, read_header
 from zoo.data import SPLITS, ImageData, load_data
 from zoo.device import pick_device
 from zoo.errors import ZooError
+from zoo.train import epoch_order, new_run_dir
 
 __all__ = [
     "CLASSIFIER_FILE",
@@ -295,38 +295,6 @@ def save_classifier(path: str | Path, classifier: AttributeClassifier, **metadat
     atomic_save(path, state, header)
 
 
-def _header(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise ZooError(f"attribute classifier {path} does not exist; {TRAIN_HINT}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ZooError(
-            f"{path} is not a readable safetensors file ({reason}); pass the "
-            f"{CLASSIFIER_FILE} of a classifier run, or {TRAIN_HINT}"
-        ) from None
-    version = metadata.get(FORMAT_KEY)
-    if version is None:
-        raise ZooError(
-            f"{path} is a safetensors file but not a zoo attribute classifier (no {FORMAT_KEY} "
-            f"metadata); {TRAIN_HINT}"
-        )
-    if version != FORMAT_VERSION:
-        raise ZooError(
-            f"{path} has zoo format {version!r}, this zoo reads format {FORMAT_VERSION!r}; "
-            f"use the zoo version that wrote it, or {TRAIN_HINT}"
-        )
-    kind = metadata.get(KIND_KEY, "model")
-    if kind != KIND:
-        raise ZooError(
-            f"{path} is a zoo {kind} file, not an attribute classifier; pass the "
-            f"{CLASSIFIER_FILE} of a classifier run, or {TRAIN_HINT}"
-        )
-    return metadata
-
-
 def _info_from_header(path: Path, metadata: dict[str, str]) -> ClassifierInfo:
     def value(key: str, default: Any = None) -> Any:
         if key not in metadata:
@@ -361,7 +329,10 @@ def _info_from_header(path: Path, metadata: dict[str, str]) -> ClassifierInfo:
 def read_classifier_info(path: str | Path) -> ClassifierInfo:
     """A classifier file's metadata without loading its tensors; ZooError if it is not one."""
     path = Path(path)
-    return _info_from_header(path, _header(path))
+    return _info_from_header(
+        path,
+        read_header(path, KIND, f"pass the {CLASSIFIER_FILE} of a classifier run, or {TRAIN_HINT}"),
+    )
 
 
 def load_classifier(
@@ -525,23 +496,6 @@ class ClassifierSettings:
                 raise ZooError(f"unknown --{option} {split!r}; use one of {', '.join(SPLITS)}")
 
 
-def _epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of one epoch, a pure function of (seed, epoch)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=generator)
-
-
-def _new_run_dir(out: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = out / f"classifier-{stamp}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = out / f"classifier-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
 def _rows(data: ImageData, start: int, stop: int, split: str) -> ImageData:
     return dataclasses.replace(
         data,
@@ -644,7 +598,7 @@ def train_classifier(settings: ClassifierSettings) -> tuple[Path, ClassifierInfo
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
-    run_dir = _new_run_dir(Path(settings.out))
+    run_dir = new_run_dir(Path(settings.out), "classifier")
     log.info(
         "training a %s attribute classifier on %d images of %s (%s) for %d steps into %s",
         settings.backbone,
@@ -668,10 +622,10 @@ def train_classifier(settings: ClassifierSettings) -> tuple[Path, ClassifierInfo
     classifier.train()
     with _progress(settings.progress) as progress, (run_dir / METRICS_FILE).open("w") as metrics:
         task = progress.add_task("classifier", total=total_steps, stats="")
-        order = _epoch_order(size, settings.seed, 0)
+        order = epoch_order(size, settings.seed, 0)
         while step < total_steps:
             if step % steps_per_epoch == 0:
-                order = _epoch_order(size, settings.seed, step // steps_per_epoch)
+                order = epoch_order(size, settings.seed, step // steps_per_epoch)
             start = (step % steps_per_epoch) * settings.batch_size
             x, y = train.batch(
                 order[start : start + settings.batch_size], device, flip=settings.flip

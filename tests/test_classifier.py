@@ -173,7 +173,7 @@ def _damaged_metadata(path: Path) -> None:
     ("write", "message"),
     [
         (_foreign, "not a zoo attribute classifier"),
-        (_generative, "is a zoo model file, not an attribute classifier"),
+        (_generative, "is a zoo model file, expected a zoo attribute classifier"),
         (_garbage, "not a readable safetensors file"),
         (_damaged_metadata, "not valid JSON"),
         (None, "does not exist"),

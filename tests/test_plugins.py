@@ -23,26 +23,16 @@ EXAMPLE = ROOT / "plugins" / "zoo-vampprior"
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> dict[str, str]:
     """The example plugin pip-installed into a private folder; the environment that sees it."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    path = os.pathsep.join([str(target), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)}
+    return pip_install_into(EXAMPLE, tmp_path_factory.mktemp("site"))
+
+
+def pip_install_into(package: Path, target: Path) -> dict[str, str]:
+    """`pip install` a plugin into a private folder; the environment in which it is installed."""
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+    command += ["--no-build-isolation", "--target", str(target), str(package)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    path = os.pathsep.join(filter(None, [str(target), str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def zoo_command(env: dict[str, str], *args: object, cwd: Path) -> subprocess.CompletedProcess:
@@ -260,25 +250,7 @@ def test_the_readme_plugin_example_installs_and_conforms(tmp_path):
     package.mkdir()
     (package / "pyproject.toml").write_text(_readme_block("`pyproject.toml`:"))
     (package / "my_zoo_model.py").write_text(_readme_block("`my_zoo_model.py`:"))
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(package),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    env = pip_install_into(package, tmp_path / "site")
     checked = zoo_command(env, "check-plugin", "mlp-vae", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "my-zoo-model" in checked.stdout and "passes all 12 checks" in checked.stdout

@@ -155,5 +155,5 @@ def test_bad_settings_are_clear_errors(faces, tmp_path):
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
-    assert torch.equal(train._epoch_order(50, 1, 3), train._epoch_order(50, 1, 3))
-    assert not torch.equal(train._epoch_order(50, 1, 3), train._epoch_order(50, 1, 4))
+    assert torch.equal(train.epoch_order(50, 1, 3), train.epoch_order(50, 1, 3))
+    assert not torch.equal(train.epoch_order(50, 1, 3), train.epoch_order(50, 1, 4))

@@ -26,6 +26,7 @@ from zoo.registry import get_model_class
 FORMAT_VERSION = "1"
 FORMAT_KEY = "zoo.format"
 KIND_KEY = "zoo.kind"
+MODEL_HINT = "zoo checkpoints are the model.safetensors written by `zoo train`"
 
 
 @dataclass
@@ -61,35 +62,35 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         temporary.unlink(missing_ok=True)
 
 
-def _read_header(path: Path) -> dict[str, str]:
+def read_header(path: Path, kind: str, hint: str) -> dict[str, str]:
+    """The metadata of a zoo safetensors file of the given kind, or a one-line error.
+
+    `hint` ends every message with what to do instead (for example which command writes
+    such a file).
+    """
     path = Path(path)
     if not path.is_file():
-        raise ZooError(f"checkpoint {path} does not exist; pass the model.safetensors of a run")
+        raise ZooError(f"{kind} file {path} does not exist; {hint}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ZooError(
-            f"{path} is not a readable safetensors file ({reason}); "
-            "zoo checkpoints are the model.safetensors written by `zoo train`"
-        ) from None
-
-
-def _check_format(path: Path, metadata: dict[str, str], kind: str) -> None:
+        raise ZooError(f"{path} is not a readable safetensors file ({reason}); {hint}") from None
     version = metadata.get(FORMAT_KEY)
     if version is None:
         raise ZooError(
-            f"{path} is a safetensors file but not a zoo {kind} (no {FORMAT_KEY} metadata); "
-            "use a file written by zoo"
+            f"{path} is a safetensors file but not a zoo {kind} (no {FORMAT_KEY} metadata); {hint}"
         )
     if version != FORMAT_VERSION:
         raise ZooError(
             f"{path} has zoo format {version!r}, this zoo reads format {FORMAT_VERSION!r}; "
-            "use the zoo version that wrote it"
+            f"use the zoo version that wrote it"
         )
-    if metadata.get(KIND_KEY, kind) != kind:
-        raise ZooError(f"{path} is a zoo {metadata[KIND_KEY]}, not a {kind}")
+    found = metadata.get(KIND_KEY, "model")
+    if found != kind:
+        raise ZooError(f"{path} is a zoo {found} file, expected a zoo {kind} file; {hint}")
+    return metadata
 
 
 def _json(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
@@ -135,8 +136,7 @@ def save_checkpoint(
 def read_info(path: Path) -> CheckpointInfo:
     """Read a checkpoint's metadata without loading its tensors."""
     path = Path(path)
-    metadata = _read_header(path)
-    _check_format(path, metadata, "model")
+    metadata = read_header(path, "model", MODEL_HINT)
     if "zoo.model" not in metadata or "zoo.config" not in metadata:
         raise ZooError(f"{path} lacks zoo.model or zoo.config metadata; the file is damaged")
     return CheckpointInfo(
@@ -201,8 +201,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_tensors_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a zoo file of the given kind (concept vector, ...), checked."""
-    metadata = _read_header(Path(path))
-    _check_format(Path(path), metadata, kind)
+    metadata = read_header(Path(path), kind, f"use a {kind} file written by zoo")
     return _read_tensors(Path(path)), metadata
 
 
@@ -257,8 +256,7 @@ class TrainState:
 def load_train_state(path: Path) -> TrainState:
     """Read what `save_train_state` wrote, as an optimizer state dict ready to load."""
     path = Path(path)
-    metadata = _read_header(path)
-    _check_format(path, metadata, "training state")
+    metadata = read_header(path, "training state", "resume from a run folder written by zoo train")
     tensors = _read_tensors(path)
     state: dict[int, dict[str, Any]] = {}
     for index, values in _json(path, metadata, "optimizer_scalars", {}).items():

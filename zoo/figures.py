@@ -106,13 +106,7 @@ def generation_figure(
             return Figure(title, [GridRow(label, chunk) for chunk in _chunks(images)])
         off = decode(model, z, with_assignments(y, {sweep: 0.0}, info.attr_names))
         on = decode(model, z, with_assignments(y, {sweep: 1.0}, info.attr_names))
-        rows = []
-        for off_chunk, on_chunk in zip(_chunks(off), _chunks(on), strict=True):
-            rows += [
-                GridRow(f"{sweep}=0 {given}", off_chunk),
-                GridRow(f"{sweep}=1 {given}", on_chunk),
-            ]
-        return Figure(f"{title}; same z in each pair of rows", rows)
+        return _sweep_figure(title, off, on, f"{sweep}=0 {given}", f"{sweep}=1 {given}")
 
     if assignments:
         z = z + concept_shift(model, assignments, strength)
@@ -122,12 +116,18 @@ def generation_figure(
         return Figure(title, [GridRow(label, chunk) for chunk in _chunks(decode(model, z, None))])
     vector = load_concept(info.path, sweep, model).vector
     off, on = decode(model, z - strength * vector, None), decode(model, z + strength * vector, None)
+    return _sweep_figure(
+        title, off, on, f"{sweep} concept -{strength:g}", f"{sweep} concept +{strength:g}"
+    )
+
+
+def _sweep_figure(
+    title: str, off: torch.Tensor, on: torch.Tensor, off_label: str, on_label: str
+) -> Figure:
+    """Pairs of rows, the attribute off then on, for the same z in each column."""
     rows = []
     for off_chunk, on_chunk in zip(_chunks(off), _chunks(on), strict=True):
-        rows += [
-            GridRow(f"{sweep} concept -{strength:g}", off_chunk),
-            GridRow(f"{sweep} concept +{strength:g}", on_chunk),
-        ]
+        rows += [GridRow(off_label, off_chunk), GridRow(on_label, on_chunk)]
     return Figure(f"{title}; same z in each pair of rows", rows)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
     from zoo.data import ImageData
 
 LIKELIHOODS = ("gaussian", "bernoulli")
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, exp(logvar)) per dimension; broadcasts, so pairwise tables are one call."""
+    return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar))
 
 
 @dataclass
@@ -109,6 +116,10 @@ class Posterior:
             self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
         )
         return self.mean + self.std * noise
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z|x) per sample, summed over latent dimensions."""
+        return gaussian_log_density(z, self.mean, self.logvar).sum(dim=-1)
 
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per sample, summed over latent dimensions."""

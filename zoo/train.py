@@ -102,7 +102,7 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def _epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of one epoch, a pure function of (seed, epoch) so resume replays it."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_items, generator=generator)
@@ -154,13 +154,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
-def _new_run_dir(out: Path, model_name: str) -> Path:
+def new_run_dir(out: Path, name: str) -> Path:
+    """A fresh ``out/<name>-<time>`` folder (suffixed when two runs start the same second)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = out / f"{model_name}-{stamp}"
+    run_dir = out / f"{name}-{stamp}"
     suffix = 1
     while run_dir.exists():
         suffix += 1
-        run_dir = out / f"{model_name}-{stamp}-{suffix}"
+        run_dir = out / f"{name}-{stamp}-{suffix}"
     run_dir.mkdir(parents=True)
     return run_dir
 
@@ -300,7 +301,7 @@ class Trainer:
 
     def _new_run_dir(self) -> Path:
         """Rank 0 names and creates the run folder; the other ranks learn its name."""
-        path = _new_run_dir(Path(self.settings.out), self.settings.model) if self.is_main else None
+        path = new_run_dir(Path(self.settings.out), self.settings.model) if self.is_main else None
         if self.ranks is None:
             return path
         return Path(distributed.broadcast_text(str(path or ""), self.ranks, self.device))
@@ -472,7 +473,7 @@ class Trainer:
         settings = self.settings
         interrupted = False
         window = _Window(self.device)
-        order = _epoch_order(len(self.data), settings.seed, self.step // self.steps_per_epoch)
+        order = epoch_order(len(self.data), settings.seed, self.step // self.steps_per_epoch)
         self.model.train()
         metrics_path = self.run_dir / METRICS_FILE if self.is_main else Path(os.devnull)
         with self._progress() as progress, metrics_path.open("a") as metrics:
@@ -482,7 +483,7 @@ class Trainer:
             try:
                 while self.step < self.total_steps:
                     if self.step % self.steps_per_epoch == 0:
-                        order = _epoch_order(
+                        order = epoch_order(
                             len(self.data), settings.seed, self.step // self.steps_per_epoch
                         )
                     x, y = self.data.batch(

@@ -17,22 +17,16 @@ from typing import Any
 import torch
 
 from zoo.data import ImageData
-from zoo.model import GenerativeModel, ModelConfig
+from zoo.model import LOG_2PI, GenerativeModel, ModelConfig, gaussian_log_density
 from zoo.models.cvae import CVAE
 from zoo.models.vae import VAE
 from zoo.registry import register_model
-
-LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
 class TCVAEConfig(ModelConfig):
     beta: float = 6.0  # weight of the total correlation; MI and dimension-wise KL keep weight 1
     dataset_size: int = 0  # N of the minibatch-weighted estimator; 0 means "the batch size"
-
-
-def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar))
 
 
 class TotalCorrelationLoss(GenerativeModel):
@@ -59,7 +53,7 @@ class TotalCorrelationLoss(GenerativeModel):
         )
         log_qz = torch.logsumexp(pairwise.sum(dim=2), dim=1) - log_norm
         log_qz_product = (torch.logsumexp(pairwise, dim=1) - log_norm).sum(dim=1)
-        log_qz_given_x = gaussian_log_density(z, posterior.mean, posterior.logvar).sum(dim=1)
+        log_qz_given_x = posterior.log_prob(z)
         log_pz = (-0.5 * (LOG_2PI + z.pow(2))).sum(dim=1)
         mutual_information = (log_qz_given_x - log_qz).mean()
         total_correlation = (log_qz - log_qz_product).mean()

@@ -14,20 +14,14 @@ import torch
 from torch import nn
 
 from zoo import ModelConfig, Posterior
+from zoo.model import gaussian_log_density
 from zoo.models.cvae import CVAE
 from zoo.models.vae import VAE
-
-LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
 class VampPriorConfig(ModelConfig):
     num_pseudo_inputs: int = 50
-
-
-def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Diagonal Gaussian log density, summed over the last dimension."""
-    return (-0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar))).sum(dim=-1)
 
 
 class VampPriorMixin:
@@ -54,7 +48,9 @@ class VampPriorMixin:
 
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         components = self.prior_components()
-        pairwise = _log_normal(z[:, None, :], components.mean[None], components.logvar[None])
+        pairwise = gaussian_log_density(
+            z[:, None, :], components.mean[None], components.logvar[None]
+        ).sum(dim=-1)
         return torch.logsumexp(pairwise, dim=1) - math.log(components.mean.shape[0])
 
     def sample_prior(
@@ -73,7 +69,7 @@ class VampPriorMixin:
         posterior = self.encode(x, y)
         z = posterior.sample()
         recon = self.reconstruction_nll(self.decode_logits(z, y), x).mean()
-        kl = (_log_normal(z, posterior.mean, posterior.logvar) - self.log_prior(z)).mean()
+        kl = (posterior.log_prob(z) - self.log_prior(z)).mean()
         return {"loss": recon + self.config.beta * kl_weight * kl, "recon": recon, "kl": kl}
 
 
