@@ -561,7 +561,3 @@ def _triangle_wave(x: torch.Tensor) -> torch.Tensor:
     """Periodic -1..1 ripple for hair strands, from floor (exact) rather than sin."""
     return ((x - x.floor()) - 0.5).abs() * 4 - 1
 
-
-def _paint(canvas: torch.Tensor, colour: torch.Tensor, coverage: torch.Tensor) -> None:
-    """canvas <- canvas + (colour - canvas) * coverage, in place (no fused lerp: exact ops)."""
-    canvas.add_((colour - canvas).mul_(coverage.unsqueeze(1)))
