@@ -571,6 +571,9 @@ def bench(
     ] = None,
     edit_strength: StrengthOption = 1.0,
     throughput_batch_size: Annotated[int, typer.Option(help="Batch size for throughput.")] = 64,
+    precision: Annotated[
+        str, typer.Option(help="Precision of the throughput numbers: auto, fp32 or bf16.")
+    ] = "auto",
     runs: Annotated[Path, typer.Option(help="Folder of runs to search.")] = Path("runs"),
     out: Annotated[
         Path, typer.Option(help="JSON report; a Markdown table is written beside it.")
@@ -596,6 +599,7 @@ def bench(
         runs_dir=str(runs),
         edit_strength=edit_strength,
         throughput_batch_size=throughput_batch_size,
+        precision=precision,
         progress=progress,
     )
     metrics = metric or ["fid", "recon", "edit", "throughput"]

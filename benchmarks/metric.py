@@ -40,6 +40,7 @@ class BenchSettings:
     runs_dir: str = "runs"
     edit_strength: float = 1.0
     throughput_batch_size: int = 64
+    precision: str = "auto"  # of the throughput measurements; quality metrics run in fp32
     throughput_repeats: int = 5
     progress: bool = True
 

@@ -560,4 +560,3 @@ def _band(
 def _triangle_wave(x: torch.Tensor) -> torch.Tensor:
     """Periodic -1..1 ripple for hair strands, from floor (exact) rather than sin."""
     return ((x - x.floor()) - 0.5).abs() * 4 - 1
-
