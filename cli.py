@@ -175,7 +175,7 @@ def train(
             split=split,
             image_size=image_size,
             attributes=attributes.split(",") if attributes else None,
-            epochs=epochs or TrainSettings.epochs,
+            epochs=TrainSettings.epochs if epochs is None else epochs,
             max_steps=max_steps,
             batch_size=batch_size,
             lr=lr,

@@ -106,6 +106,7 @@ def test_data_synth_and_prepare(tmp_path):
             ["unknown attribute 'Smilling'", "'Smiling'"],
         ),
         (["train", "cvae", "--batch-size", "0"], ["--batch-size must be at least 1"]),
+        (["train", "cvae", "--epochs", "0"], ["--epochs must be at least 1"]),
         (["train", "cvae", "-o", "nonsense"], ["not KEY=VALUE"]),
         (["train"], ["name a model to train"]),
     ],
