@@ -50,14 +50,6 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -66,7 +58,7 @@ from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save, re
 from zoo.data import SPLITS, ImageData, load_data
 from zoo.device import pick_device
 from zoo.errors import ZooError
-from zoo.train import epoch_order, new_run_dir
+from zoo.train import epoch_order, new_run_dir, training_progress
 
 __all__ = [
     "CLASSIFIER_FILE",
@@ -555,19 +547,6 @@ def _training_and_evaluation_data(
     return _rows(train, 0, len(train) - held, settings.split), tail, reason
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def train_classifier(settings: ClassifierSettings) -> tuple[Path, ClassifierInfo]:
     """Train an attribute classifier from scratch; write ``<out>/classifier-<time>/``.
 
@@ -620,7 +599,10 @@ def train_classifier(settings: ClassifierSettings) -> tuple[Path, ClassifierInfo
     evaluation: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     classifier.train()
-    with _progress(settings.progress) as progress, (run_dir / METRICS_FILE).open("w") as metrics:
+    with (
+        training_progress(settings.progress) as progress,
+        (run_dir / METRICS_FILE).open("w") as metrics,
+    ):
         task = progress.add_task("classifier", total=total_steps, stats="")
         order = epoch_order(size, settings.seed, 0)
         while step < total_steps:

@@ -225,6 +225,20 @@ class _Window:
         return {"loss": loss, "recon": recon, "kl": kl}
 
 
+def training_progress(enabled: bool) -> Progress:
+    """The bar of every training loop: steps, the loop's live numbers (`stats`), time and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
 class Trainer:
     """Holds the state of one run; `run()` trains until the step budget, an error or Ctrl-C."""
 
@@ -476,7 +490,7 @@ class Trainer:
         order = epoch_order(len(self.data), settings.seed, self.step // self.steps_per_epoch)
         self.model.train()
         metrics_path = self.run_dir / METRICS_FILE if self.is_main else Path(os.devnull)
-        with self._progress() as progress, metrics_path.open("a") as metrics:
+        with training_progress(self.show_progress) as progress, metrics_path.open("a") as metrics:
             task = progress.add_task(
                 settings.model, total=self.total_steps, completed=self.step, stats=""
             )
@@ -559,18 +573,6 @@ class Trainer:
         return (
             f"loss or gradient is not finite at step {self.step + 1} ({parts}); {kept}; "
             "lower --lr, or pass --on-nan skip to skip such steps"
-        )
-
-    def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            disable=not self.show_progress,
         )
 
 
