@@ -54,7 +54,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import zoo
-from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save, read_header
+from zoo.checkpoint import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    KIND_KEY,
+    atomic_save,
+    finite_state_dict,
+    read_header,
+)
 from zoo.data import SPLITS, ImageData, load_data
 from zoo.device import pick_device
 from zoo.errors import ZooError
@@ -263,10 +270,7 @@ def save_classifier(path: str | Path, classifier: AttributeClassifier, **metadat
     ``zoo.<key>``. Refuses non-finite weights.
     """
     path = Path(path)
-    state = classifier.state_dict()
-    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
-    if bad:
-        raise ZooError(f"refusing to save {path}: non-finite values in {', '.join(bad[:3])}")
+    state = finite_state_dict(classifier, path)
     header = {
         FORMAT_KEY: FORMAT_VERSION,
         KIND_KEY: KIND,

@@ -102,6 +102,15 @@ def _json(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
         raise ZooError(f"{path}: metadata {key} is not valid JSON; the file is damaged") from None
 
 
+def finite_state_dict(module: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The module's tensors for saving to `path`, refusing NaN or Inf: a file never holds them."""
+    state = module.state_dict()
+    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise ZooError(f"refusing to save {path}: non-finite values in {', '.join(bad[:3])}")
+    return state
+
+
 def save_checkpoint(
     path: Path,
     model: GenerativeModel,
@@ -114,10 +123,7 @@ def save_checkpoint(
     source: str = "zoo",
 ) -> None:
     """Save weights and everything needed to rebuild and use the model. Refuses NaN weights."""
-    state = model.state_dict()
-    bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
-    if bad:
-        raise ZooError(f"refusing to save {path}: non-finite values in {', '.join(bad[:3])}")
+    state = finite_state_dict(model, path)
     metadata = {
         FORMAT_KEY: FORMAT_VERSION,
         KIND_KEY: "model",
