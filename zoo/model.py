@@ -225,6 +225,14 @@ class GenerativeModel(nn.Module):
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
         return (temperature * z).to(self.device)
 
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) under the prior N(0, I), summed over the last (latent) dimension.
+
+        The density beside `sample_prior`: objectives that need log p(z) (IWAE, beta-TCVAE)
+        call it, so a model with another prior overrides both.
+        """
+        return (-0.5 * (LOG_2PI + z.pow(2))).sum(dim=-1)
+
     def forward(
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:

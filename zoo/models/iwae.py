@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.model import LOG_2PI, GenerativeModel, ModelConfig
+from zoo.model import GenerativeModel, ModelConfig
 from zoo.models.cvae import CVAE
 from zoo.models.vae import VAE
 from zoo.registry import register_model
@@ -42,7 +42,7 @@ class ImportanceWeightedLoss(GenerativeModel):
         y_repeated = y.repeat(samples, 1) if y is not None else None
         logits = self.decode_logits(z.flatten(0, 1), y_repeated)
         nll = self.reconstruction_nll(logits, x.repeat(samples, 1, 1, 1)).view(samples, batch)
-        log_pz = (-0.5 * (LOG_2PI + z.pow(2))).sum(dim=2)
+        log_pz = self.log_prior(z)
         log_qz = posterior.log_prob(z)
         log_weights = -nll + self.config.beta * kl_weight * (log_pz - log_qz)
         bound = torch.logsumexp(log_weights, dim=0) - math.log(samples)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from zoo.data import ImageData
-from zoo.model import LOG_2PI, GenerativeModel, ModelConfig, gaussian_log_density
+from zoo.model import GenerativeModel, ModelConfig, gaussian_log_density
 from zoo.models.cvae import CVAE
 from zoo.models.vae import VAE
 from zoo.registry import register_model
@@ -54,7 +54,7 @@ class TotalCorrelationLoss(GenerativeModel):
         log_qz = torch.logsumexp(pairwise.sum(dim=2), dim=1) - log_norm
         log_qz_product = (torch.logsumexp(pairwise, dim=1) - log_norm).sum(dim=1)
         log_qz_given_x = posterior.log_prob(z)
-        log_pz = (-0.5 * (LOG_2PI + z.pow(2))).sum(dim=1)
+        log_pz = self.log_prior(z)
         mutual_information = (log_qz_given_x - log_qz).mean()
         total_correlation = (log_qz - log_qz_product).mean()
         dimension_kl = (log_qz_product - log_pz).mean()
