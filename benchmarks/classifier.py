@@ -50,7 +50,6 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import zoo
@@ -60,6 +59,7 @@ from zoo.checkpoint import (
     KIND_KEY,
     atomic_save,
     finite_state_dict,
+    load_matching_weights,
     read_header,
 )
 from zoo.data import SPLITS, ImageData, load_data
@@ -344,30 +344,7 @@ def load_classifier(
         info.channels,
         small_stem=info.small_stem,
     )
-    try:
-        with safe_open(str(info.path), framework="pt") as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ZooError(
-            f"{info.path}: cannot read tensors ({reason}); the file is truncated or damaged, "
-            f"{TRAIN_HINT}"
-        ) from None
-    expected = classifier.state_dict()
-    wrong = sorted(
-        set(expected) ^ set(tensors)
-        | {
-            name
-            for name in expected
-            if name in tensors and tensors[name].shape != expected[name].shape
-        }
-    )
-    if wrong:
-        raise ZooError(
-            f"{info.path}: tensors do not match a {info.backbone} classifier "
-            f"({', '.join(wrong[:3])}); the file is damaged or was edited, {TRAIN_HINT}"
-        )
-    classifier.load_state_dict(tensors)
+    load_matching_weights(classifier, info.path, f"a {info.backbone} classifier", f", {TRAIN_HINT}")
     return classifier.to(pick_device(str(device))).eval(), info
 
 

@@ -166,8 +166,32 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> GenerativeMode
     info = read_info(Path(path))
     model_class = get_model_class(info.model_name)
     model = model_class(model_class.config_class.from_dict(info.config))
-    tensors = _read_tensors(info.path)
-    expected = model.state_dict()
+    load_matching_weights(model, info.path, f"the {info.model_name} config")
+    model.checkpoint_info = info
+    return model.to(device).eval()
+
+
+def _read_tensors(path: Path, advice: str = "") -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ZooError(
+            f"{path}: cannot read tensors ({reason}); the file is truncated or damaged{advice}"
+        ) from None
+
+
+def load_matching_weights(
+    module: torch.nn.Module, path: Path, expected_as: str, advice: str = ""
+) -> None:
+    """Load `path`'s tensors into `module`, refusing names or shapes that differ.
+
+    `expected_as` names what the file should match ("the cvae config"); `advice`, appended
+    to every error, says what to do instead.
+    """
+    tensors = _read_tensors(path, advice)
+    expected = module.state_dict()
     problems = [
         f"{label}: {', '.join(names[:3])}"
         for label, names in (
@@ -186,23 +210,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> GenerativeMode
     ]
     if problems:
         raise ZooError(
-            f"{info.path}: tensors do not match the {info.model_name} config "
-            f"({'; '.join(problems)}); the file is damaged or was edited"
+            f"{path}: tensors do not match {expected_as} ({'; '.join(problems)}); "
+            f"the file is damaged or was edited{advice}"
         )
-    model.load_state_dict(tensors)
-    model.checkpoint_info = info
-    return model.to(device).eval()
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ZooError(
-            f"{path}: cannot read tensors ({reason}); the file is truncated or damaged"
-        ) from None
+    module.load_state_dict(tensors)
 
 
 def read_tensors_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
