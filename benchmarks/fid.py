@@ -164,7 +164,7 @@ def weights_only_inception_loading() -> Iterator[_WeightsOnlyTorch]:
     """Make torch-fidelity's InceptionV3 read its weights with ``weights_only=True``.
 
     ``FeatureExtractorInceptionV3.__init__`` (which torchmetrics' ``NoTrainInceptionV3``
-    inherits) calls ``torch.load(path, weights_only=False)``: a crafted file would run code.
+    inherits) unpickles its weights file (``weights_only=False``): a crafted file would run code.
     For the duration of the block, that module's global ``torch`` is a `_WeightsOnlyTorch`
     proxy whose ``load`` reads tensors only, and its ``load_state_dict_from_url`` refuses to
     download. Only that module's globals change (under a lock, restored on exit); torch.load
