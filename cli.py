@@ -85,6 +85,9 @@ DataOption = Annotated[
         "else the built-in synthetic faces.",
     ),
 ]
+DeviceOption = Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N.")]
+RunsOutOption = Annotated[Path, typer.Option(help="Folder that receives the run folder.")]
+ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
 @app.command()
@@ -115,12 +118,12 @@ def train(
     attributes: Annotated[
         str | None, typer.Option(help="Comma-separated attribute subset, e.g. Smiling,Male.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N.")] = "auto",
+    device: DeviceOption = "auto",
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on CUDA or AMX CPUs), fp32, bf16.")
     ] = "auto",
     kl_warmup: Annotated[int, typer.Option(help="Steps of linear KL warm-up (0 = none).")] = 0,
-    out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
+    out: RunsOutOption = Path("runs"),
     sample_every: Annotated[
         int | None, typer.Option(help="Steps between sample grids (default: every epoch).")
     ] = None,
@@ -143,7 +146,7 @@ def train(
     nproc: Annotated[
         int, typer.Option(help="Processes on this machine (DDP through torchrun).")
     ] = 1,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Train a registered model; writes runs/<model>-<time>/ with weights, samples and logs."""
     from zoo.distributed import launched_ranks, relaunch
@@ -340,7 +343,6 @@ def data_synth(
 
 CheckpointArg = Annotated[Path, typer.Argument(help="A model.safetensors file.")]
 OutOption = Annotated[Path, typer.Option(help="PNG file to write.")]
-DeviceOption = Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N.")]
 SeedOption = Annotated[int, typer.Option(help="Seed: the same seed gives the same picture.")]
 StrengthOption = Annotated[float, typer.Option(help="Concept-vector multiplier s in z + s*v.")]
 
@@ -579,7 +581,7 @@ def bench(
         Path, typer.Option(help="JSON report; a Markdown table is written beside it.")
     ] = Path("results.json"),
     device: DeviceOption = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Benchmark checkpoints: FID, reconstruction, attribute-edit accuracy and throughput."""
     from benchmarks.metric import METRICS, BenchSettings
@@ -639,8 +641,8 @@ def train_classifier_command(
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
-    out: Annotated[Path, typer.Option(help="Folder that receives the run folder.")] = Path("runs"),
-    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    out: RunsOutOption = Path("runs"),
+    progress: ProgressOption = True,
 ) -> None:
     """Train the attribute classifier that scores edits (and gives FD-attr features)."""
     from benchmarks.classifier import ClassifierSettings, train_classifier
