@@ -64,7 +64,7 @@ from zoo.checkpoint import (
 )
 from zoo.data import SPLITS, ImageData, load_data
 from zoo.device import pick_device
-from zoo.errors import ZooError
+from zoo.errors import ZooError, error_reason
 from zoo.train import epoch_order, new_run_dir, training_progress
 
 __all__ = [
@@ -151,7 +151,7 @@ class AttributeClassifier(nn.Module):
                 backbone, pretrained=False, num_classes=len(attr_names), in_chans=channels
             )
         except (RuntimeError, TypeError, ValueError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = error_reason(error)
             raise ZooError(
                 f"cannot build timm backbone {backbone!r} ({reason}); use a timm CNN name such "
                 "as resnet18 (timm.list_models() lists them)"

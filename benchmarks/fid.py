@@ -42,7 +42,7 @@ from benchmarks.metric import BenchContext, Metric, register_metric
 from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save, read_tensors_file
 from zoo.data import cache_dir
 from zoo.data.cache import image_progress
-from zoo.errors import ZooError
+from zoo.errors import ZooError, error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def load_weights_only(path: Path) -> dict[str, torch.Tensor]:
             f"from {INCEPTION_URL}"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise ZooError(
             f"{path} is not a readable PyTorch weights file ({reason}); "
             f"use {INCEPTION_FILE} from {INCEPTION_URL}"

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from zoo.errors import ZooError
+from zoo.errors import ZooError, error_reason
 from zoo.model import GenerativeModel
 from zoo.registry import get_model_class
 
@@ -75,7 +75,7 @@ def read_header(path: Path, kind: str, hint: str) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise ZooError(f"{path} is not a readable safetensors file ({reason}); {hint}") from None
     version = metadata.get(FORMAT_KEY)
     if version is None:
@@ -176,7 +176,7 @@ def _read_tensors(path: Path, advice: str = "") -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = error_reason(error)
         raise ZooError(
             f"{path}: cannot read tensors ({reason}); the file is truncated or damaged{advice}"
         ) from None

@@ -9,3 +9,9 @@ traceback.
 
 class ZooError(Exception):
     """A user-facing error: one line, says what is wrong and what to do."""
+
+
+def error_reason(error: BaseException) -> str:
+    """The first line of a library's exception (or its type name), to quote inside a ZooError."""
+    text = str(error)
+    return text.splitlines()[0] if text.strip() else type(error).__name__

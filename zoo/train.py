@@ -40,7 +40,7 @@ from zoo import distributed
 from zoo.checkpoint import load_train_state, save_checkpoint, save_train_state
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.device import autocast, pick_device, resolve_precision
-from zoo.errors import ZooError
+from zoo.errors import ZooError, error_reason
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
 from zoo.samples import training_grid
@@ -351,7 +351,7 @@ class Trainer:
             self.model.load_state_dict(state.model_state)
             self.optimizer.load_state_dict(state.optimizer_state)
         except (RuntimeError, ValueError, KeyError) as error:
-            reason = str(error).splitlines()[0]
+            reason = error_reason(error)
             raise ZooError(
                 f"{state_path} does not match the {self.settings.model} model of this run "
                 f"({reason}); the run folder is damaged"
