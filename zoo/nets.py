@@ -43,6 +43,26 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
+class FiLMGroupNorm(nn.Module):
+    """GroupNorm whose scale and shift also follow a condition vector (FiLM, Perez et al. 2018).
+
+    ``norm(h) * (1 + gamma(c)) + beta(c)`` with gamma and beta linear in c and zero at
+    initialisation, so training starts from the plain decoder and the condition has a direct
+    multiplicative path into every stage instead of one slot of the first layer's input.
+    """
+
+    def __init__(self, channels: int, cond_features: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.film = nn.Linear(cond_features, 2 * channels)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(cond.to(h.dtype)).chunk(2, dim=1)
+        return self.norm(h) * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+
 class ConvEncoder(nn.Module):
     """Image (plus optional extra input channels) -> flat feature vector."""
 
@@ -66,7 +86,11 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Flat vector -> image logits, mirroring `ConvEncoder`."""
+    """Flat vector -> image logits, mirroring `ConvEncoder`.
+
+    With ``cond_features`` > 0 every norm is a `FiLMGroupNorm` driven by the condition passed
+    to `forward`, so the condition modulates each resolution, not only the input vector.
+    """
 
     def __init__(
         self,
@@ -75,21 +99,28 @@ class ConvDecoder(nn.Module):
         image_size: int,
         base_channels: int,
         max_channels: int,
+        cond_features: int = 0,
     ):
         super().__init__()
         widths = stage_channels(image_size, base_channels, max_channels)[::-1]
+
+        def norm(channels: int) -> nn.Module:
+            return FiLMGroupNorm(channels, cond_features) if cond_features else _norm(channels)
+
         self.start_channels = widths[0]
         self.project = nn.Linear(in_features, widths[0] * FINAL_MAP * FINAL_MAP)
-        layers: list[nn.Module] = [_norm(widths[0]), nn.SiLU()]
+        layers: list[nn.Module] = [norm(widths[0]), nn.SiLU()]
         for width, next_width in zip(widths, [*widths[1:], widths[-1]], strict=True):
             layers += [
                 nn.ConvTranspose2d(width, next_width, 4, stride=2, padding=1, bias=False),
-                _norm(next_width),
+                norm(next_width),
                 nn.SiLU(),
             ]
         layers.append(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
         self.stages = nn.Sequential(*layers)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        start = self.project(h).view(-1, self.start_channels, FINAL_MAP, FINAL_MAP)
-        return self.stages(start)
+    def forward(self, h: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.project(h).view(-1, self.start_channels, FINAL_MAP, FINAL_MAP)
+        for layer in self.stages:
+            out = layer(out, cond) if isinstance(layer, FiLMGroupNorm) else layer(out)
+        return out
