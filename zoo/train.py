@@ -190,10 +190,16 @@ def build_model(settings: TrainSettings, data: ImageData) -> GenerativeModel:
 
 
 class _Window:
-    """Loss sums and throughput since the last log line, kept on the device between logs."""
+    """Loss sums and throughput since the last log line, kept on the device between logs.
+
+    Every term the model's loss reports is averaged (models with an adversary or an
+    attribute head report more than loss, recon and KL).
+    """
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, device=device)
+        self.device = device
+        self.keys: list[str] = []
+        self.sums = torch.zeros(0, device=device)
         self.reset()
 
     def reset(self) -> None:
@@ -203,7 +209,10 @@ class _Window:
         self.start = time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
-        self.sums += torch.stack([losses[k].detach().float() for k in ("loss", "recon", "kl")])
+        if not self.keys:
+            self.keys = list(losses)
+            self.sums = torch.zeros(len(self.keys), device=self.device)
+        self.sums += torch.stack([losses[k].detach().float() for k in self.keys])
         self.steps += 1
         self.images += images
 
@@ -211,8 +220,8 @@ class _Window:
         """Average the losses and add up the images of all ranks (DDP)."""
         extra = torch.tensor([float(self.images)], device=self.sums.device)
         totals = distributed.sum_over_ranks(torch.cat([self.sums, extra]))
-        self.sums = totals[:3] / torch.distributed.get_world_size()
-        self.images = int(totals[3].item())
+        self.sums = totals[:-1] / torch.distributed.get_world_size()
+        self.images = int(totals[-1].item())
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -221,8 +230,7 @@ class _Window:
         return self.images / max(self.elapsed(), 1e-9)
 
     def means(self) -> dict[str, float]:
-        loss, recon, kl = (self.sums / self.steps).tolist()
-        return {"loss": loss, "recon": recon, "kl": kl}
+        return dict(zip(self.keys, (self.sums / self.steps).tolist(), strict=True))
 
 
 def training_progress(enabled: bool) -> Progress:
