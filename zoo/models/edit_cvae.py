@@ -1,0 +1,188 @@
+"""CVAEs that obey their labels: the mechanisms the literature uses to make a label swap edit.
+
+A plain CVAE (`cvae`) sees the attributes twice, in x and in y, and learns to read them from
+x: the encoder keeps them in z and the decoder hardly looks at y, so changing y barely
+changes the face. Each mechanism below attacks one side of that, and each is a config field,
+so any combination is one ``-o`` away:
+
+- ``film`` (FiLM, Perez et al. 2018; conditional normalisation as in de Vries et al. 2017):
+  y scales and shifts every decoder GroupNorm, so it reaches every resolution instead of
+  being 40 of the 168 numbers the first layer reads.
+- ``adversary_weight`` (Fader Networks, Lample et al. 2017): a small discriminator learns to
+  predict y from the posterior mean, and the encoder is penalised, with a weight ramped up
+  over ``adversary_warmup`` steps, for every guess that is not 1/2. Fader's own target,
+  1 - y, lets the encoder win by storing the attributes inverted, so the game flips back and
+  forth; the confusion target (Tzeng et al. 2015) has its minimum where the discriminator
+  cannot tell. With the attributes hidden from z, the decoder must take them from y.
+- ``attr_weight`` (AttGAN's attribute classification constraint, He et al. 2019): an
+  attribute head learns the labels from real images; each step also decodes z with randomly
+  flipped labels, and the head's disagreement with those labels is the decoder's loss.
+
+The discriminator and the head are parameters of the model, so they are saved and resumed
+with it, but `encode`, `decode` and `generate` never call them. Each trains only on its own
+loss: the model's other losses reach them through detached copies of their weights, which
+keeps one optimizer and one backward pass per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from zoo.errors import ZooError
+from zoo.model import ModelConfig, Posterior
+from zoo.models.cvae import CVAE
+from zoo.nets import ConvDecoder, ConvEncoder
+from zoo.registry import register_model
+
+
+@dataclass
+class EditCVAEConfig(ModelConfig):
+    """The CVAE's fields plus one switch or weight per mechanism (all off: the plain CVAE)."""
+
+    film: bool = False
+    adversary_weight: float = 0.0
+    adversary_warmup: int = 500
+    adversary_hidden: int = 256
+    attr_weight: float = 0.0
+    attr_flip_prob: float = 0.1
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.film, bool):
+            raise ZooError(f"film must be true or false, got {self.film!r}")
+        if self.adversary_weight < 0 or self.attr_weight < 0:
+            raise ZooError("adversary_weight and attr_weight must be non-negative")
+        if self.adversary_warmup < 0 or self.adversary_hidden < 1:
+            raise ZooError("adversary_warmup must be >= 0 and adversary_hidden >= 1")
+        if not 0 < self.attr_flip_prob <= 1:
+            raise ZooError(f"attr_flip_prob must be in (0, 1], got {self.attr_flip_prob}")
+
+
+def _frozen(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """Call ``module`` with detached weights: gradients reach the inputs, never the module."""
+    weights = {name: p.detach() for name, p in module.named_parameters()}
+    return functional_call(module, weights, inputs)
+
+
+def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over attributes, averaged over the batch (like recon/KL)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / len(target)
+
+
+@register_model("edit-cvae")
+class EditCVAE(CVAE):
+    """CVAE with FiLM, a Fader latent adversary and an AttGAN attribute loss, each switchable."""
+
+    family = "CVAE + edit mechanisms"
+    config_class = EditCVAEConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c = self.config
+        if c.film:
+            self.decoder = ConvDecoder(
+                c.latent_dim + c.num_attributes,
+                c.channels,
+                c.image_size,
+                c.base_channels,
+                c.max_channels,
+                cond_features=c.num_attributes,
+            )
+        self.discriminator = None
+        if c.adversary_weight > 0:
+            self.discriminator = nn.Sequential(
+                nn.Linear(c.latent_dim, c.adversary_hidden),
+                nn.LeakyReLU(0.2),
+                nn.Linear(c.adversary_hidden, c.adversary_hidden),
+                nn.LeakyReLU(0.2),
+                nn.Linear(c.adversary_hidden, c.num_attributes),
+            )
+            # the ramp's clock lives in the state dict, so a resumed run continues it
+            self.register_buffer("adversary_step", torch.zeros((), dtype=torch.long))
+        self.attribute_head = None
+        if c.attr_weight > 0:
+            encoder = ConvEncoder(c.channels, c.image_size, c.base_channels, c.max_channels)
+            self.attribute_head = nn.Sequential(
+                encoder, nn.Linear(encoder.out_features, c.num_attributes)
+            )
+
+    def decode_logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.check_attributes(y, z.shape[0]).to(z.dtype)
+        return self.decoder(torch.cat([z, y], dim=1), y if self.config.film else None)
+
+    def flipped_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Labels with each attribute flipped with probability ``attr_flip_prob``."""
+        flips = torch.rand_like(y) < self.config.attr_flip_prob
+        return torch.where(flips, 1.0 - y, y)
+
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        c = self.config
+        y = self.check_attributes(y, x.shape[0])
+        posterior: Posterior = self.encode(x, y)
+        z = posterior.sample()
+        recon = self.reconstruction_nll(self.decode_logits(z, y), x).mean()
+        kl = posterior.kl().mean()
+        total = recon + c.beta * kl_weight * kl
+        losses = {"recon": recon, "kl": kl}
+        if self.discriminator is not None:
+            guess = self.discriminator(posterior.mean.detach())
+            disc = _bce(guess, y)
+            confused = torch.full_like(y, 0.5)
+            adversary = _bce(_frozen(self.discriminator, posterior.mean), confused)
+            ramp = (self.adversary_step.float() / max(c.adversary_warmup, 1)).clamp(max=1.0)
+            if self.training:
+                self.adversary_step += 1
+            total = total + disc + c.adversary_weight * ramp * adversary
+            accuracy = ((guess.detach() > 0).float() == y).float().mean()
+            losses |= {"disc": disc, "adversary": adversary, "disc_acc": accuracy}
+        if self.attribute_head is not None:
+            head = _bce(self.attribute_head(x), y)
+            target = self.flipped_labels(y)
+            edited = torch.sigmoid(self.decode_logits(z, target))
+            attr = _bce(_frozen(self.attribute_head, edited), target)
+            total = total + head + c.attr_weight * attr
+            losses |= {"head": head, "attr": attr}
+        return {"loss": total, **losses}
+
+
+@dataclass
+class FiLMCVAEConfig(EditCVAEConfig):
+    film: bool = True
+
+
+@register_model("film-cvae")
+class FiLMCVAE(EditCVAE):
+    """CVAE whose labels scale and shift every decoder stage (FiLM)."""
+
+    config_class = FiLMCVAEConfig
+
+
+@dataclass
+class FaderCVAEConfig(EditCVAEConfig):
+    adversary_weight: float = 1.0
+
+
+@register_model("fader-cvae")
+class FaderCVAE(EditCVAE):
+    """CVAE whose encoder is trained to hide the labels from a latent discriminator (Fader)."""
+
+    config_class = FaderCVAEConfig
+
+
+@dataclass
+class AttrCVAEConfig(EditCVAEConfig):
+    attr_weight: float = 1.0
+
+
+@register_model("attr-cvae")
+class AttrCVAE(EditCVAE):
+    """CVAE trained so an attribute head reads the labels it was decoded with (AttGAN)."""
+
+    config_class = AttrCVAEConfig
