@@ -475,6 +475,9 @@ def edit(
         list[str] | None, typer.Option(help="Concept-vector edit by attribute (repeatable).")
     ] = None,
     strength: StrengthOption = 1.5,
+    intensity: Annotated[
+        float, typer.Option(help="Scale of each --set change (AttGAN's test intensity; 1: swap).")
+    ] = 1.0,
     images: Annotated[
         list[Path] | None, typer.Option(help="Image files to edit (default: from --split).")
     ] = None,
@@ -493,7 +496,12 @@ def edit(
     label_edits = parse_assignment_list(set_ or [], model.checkpoint_info.attr_names)
     faces = _faces(model, images or [], [], data, split, n, seed)
     figure = edit_figure(
-        model, faces, label_edits=label_edits, concepts=concept or [], strength=strength
+        model,
+        faces,
+        label_edits=label_edits,
+        concepts=concept or [],
+        strength=strength,
+        intensity=intensity,
     )
     _wrote(figure.save(out), f"edits of {faces.images.shape[0]} images")
 
@@ -572,6 +580,9 @@ def bench(
         str | None, typer.Option(help="Attribute classifier file (default: found by data).")
     ] = None,
     edit_strength: StrengthOption = 1.0,
+    edit_intensity: Annotated[
+        float, typer.Option(help="Scale of every edit: label change or concept shift (1).")
+    ] = 1.0,
     throughput_batch_size: Annotated[int, typer.Option(help="Batch size for throughput.")] = 64,
     precision: Annotated[
         str, typer.Option(help="Precision of the throughput numbers: auto, fp32 or bf16.")
@@ -600,6 +611,7 @@ def bench(
         classifier=classifier,
         runs_dir=str(runs),
         edit_strength=edit_strength,
+        edit_intensity=edit_intensity,
         throughput_batch_size=throughput_batch_size,
         precision=precision,
         progress=progress,

@@ -11,7 +11,7 @@ from zoo import latent
 from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData, Preprocess
 from zoo.errors import ZooError
-from zoo.figures import edit_figure, generation_figure, latent_grid_figure
+from zoo.figures import edit_figure, flip_figure, generation_figure, latent_grid_figure
 from zoo.latent import Faces
 from zoo.model import GenerativeModel, ModelConfig, Posterior
 
@@ -98,6 +98,24 @@ def test_parse_assignments():
         latent.parse_assignments(["Smilng=1"], ATTRS)
     with pytest.raises(ZooError, match="must be 0 or 1"):
         latent.parse_assignments(["Smiling=2"], ATTRS)
+
+
+def test_assignments_clear_the_attributes_that_cannot_hold_with_them():
+    names = ["Black_Hair", "Blond_Hair", "Mustache", "No_Beard", "Smiling"]
+    y = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0]])
+    blond_with_mustache = latent.with_assignments(y, {"Blond_Hair": 1, "Mustache": 1}, names)
+    assert blond_with_mustache.tolist() == [[0.0, 1.0, 1.0, 0.0, 1.0]]
+    # removing an attribute clears nothing; an explicit assignment wins over the rule
+    assert latent.with_assignments(y, {"Black_Hair": 0}, names).tolist() == [[0, 0, 0, 1, 1]]
+    both = latent.with_assignments(y, {"Blond_Hair": 1, "Black_Hair": 1}, names)
+    assert both[0, :2].tolist() == [1.0, 1.0]
+
+
+def test_edit_intensity_scales_the_label_change():
+    y, new_y = torch.tensor([[0.0, 1.0, 1.0]]), torch.tensor([[1.0, 0.0, 1.0]])
+    assert latent.scale_edit(y, new_y, 1.0).tolist() == new_y.tolist()
+    assert latent.scale_edit(y, new_y, 2.0).tolist() == [[2.0, -1.0, 1.0]]
+    assert latent.scale_edit(y, new_y, 0.0).tolist() == y.tolist()
 
 
 def test_conditional_generation_honours_assignments_and_seed(cvae):
@@ -235,6 +253,26 @@ def test_edit_figure_rows(cvae):
         "labels Smiling=0",
     ]
     assert torch.equal(figure.rows[0].images, x)
+
+
+def test_flip_figure_flips_one_attribute_per_column(cvae):
+    x, y = faces()
+    figure = flip_figure(cvae, Faces(x, y, ["a.jpg", "b.jpg", "c.jpg"]), ["Smiling", "Male"])
+    assert figure.column_labels == ["original", "reconstruction", "Smiling", "Male"]
+    has = [
+        ", ".join(n for n, v in zip(["Smiling", "Male"], row[:2], strict=True) if v > 0.5)
+        for row in y.tolist()
+    ]
+    assert [row.label for row in figure.rows] == [
+        f"{name} has {listed or 'none of them'}"
+        for name, listed in zip(["a.jpg", "b.jpg", "c.jpg"], has, strict=True)
+    ]
+    z = latent.encode_means(cvae, x, y)
+    flipped = y.clone()
+    flipped[:, 1] = 1 - flipped[:, 1]
+    assert torch.allclose(
+        torch.stack([row.images[3] for row in figure.rows]), latent.decode(cvae, z, flipped)
+    )
 
 
 def test_latent_grid_walks_the_prior_quantiles(tmp_path):

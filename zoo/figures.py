@@ -26,6 +26,7 @@ from zoo.latent import (
     labels_for,
     latent_grid,
     load_concept,
+    scale_edit,
     with_assignments,
 )
 from zoo.model import GenerativeModel
@@ -168,12 +169,14 @@ def edit_figure(
     label_edits: list[tuple[str, float]],
     concepts: list[str],
     strength: float,
+    intensity: float = 1.0,
 ) -> Figure:
     """Originals and reconstructions on top, then one row per edit.
 
-    A label edit is the CVAE label swap; a concept edit adds strength * concept vector.
-    On an unconditional model a label edit goes through the concept vector (1 adds it,
-    0 subtracts it), so both kinds of model answer the same request.
+    A label edit is the CVAE label swap (its change scaled by ``intensity``); a concept edit
+    adds strength * concept vector. On an unconditional model a label edit goes through the
+    concept vector (1 adds it, 0 subtracts it, times ``intensity``), so both kinds of model
+    answer the same request.
     """
     info = _info(model)
     if not label_edits and not concepts:
@@ -183,17 +186,17 @@ def edit_figure(
     y = labels_for(faces, info, {}) if model.conditional else None
     reconstruction = decode(model, encode_means(model, faces.images, y), y)
     rows = [GridRow("original", faces.images), GridRow("reconstruction", reconstruction)]
+    times = f" x{intensity:g}" if intensity != 1 else ""
     for name, value in label_edits:
         if model.conditional:
             new_y = with_assignments(y, {name: value}, info.attr_names)
-            rows.append(
-                GridRow(f"labels {name}={value:g}", edit_by_labels(model, faces.images, y, new_y))
-            )
+            edited = edit_by_labels(model, faces.images, y, new_y, intensity)
+            rows.append(GridRow(f"labels {name}={value:g}{times}", edited))
         else:
-            shift = concept_shift(model, {name: value}, strength)
+            shift = concept_shift(model, {name: value}, strength * intensity)
             rows.append(
                 GridRow(
-                    f"concept {name}={value:g} ({'+' if value else '-'}{strength:g} v)",
+                    f"concept {name}={value:g} ({'+' if value else '-'}{strength * intensity:g} v)",
                     edit_by_concept(model, faces.images, None, shift, 1.0),
                 )
             )
@@ -207,6 +210,41 @@ def edit_figure(
         )
     names = [name if len(name) <= 10 else name[:9] + "~" for name in faces.names]
     return Figure(f"{model.model_name}: attribute edits", rows, names)
+
+
+def flip_figure(
+    model: GenerativeModel, faces: Faces, attributes: list[str], *, intensity: float = 1.0
+) -> Figure:
+    """One row per face: original, reconstruction, then each attribute flipped on its own.
+
+    The AttGAN picture behind the edit benchmark. Each row's caption lists which of the
+    attributes the face has, so a column removes it where listed and adds it elsewhere.
+    """
+    info = _info(model)
+    if not model.conditional:
+        raise ZooError(f"{model.model_name} is unconditional: it has no labels to flip")
+    for name in attributes:
+        check_attribute(name, info.attr_names, option="attribute")
+    y = labels_for(faces, info, {})
+    z = encode_means(model, faces.images, y)
+    columns = [faces.images, decode(model, z, y)]
+    for name in attributes:
+        column = info.attr_names.index(name)
+        added = with_assignments(y, {name: 1.0}, info.attr_names)
+        removed = with_assignments(y, {name: 0.0}, info.attr_names)
+        new_y = torch.where(y[:, column : column + 1] > 0.5, removed, added)
+        columns.append(decode(model, z, scale_edit(y, new_y, intensity)))
+    rows = []
+    for i, filename in enumerate(faces.names):
+        has = [name for name in attributes if y[i, info.attr_names.index(name)] > 0.5]
+        caption = f"{filename} has {', '.join(has) or 'none of them'}"
+        rows.append(GridRow(caption, torch.stack([images[i] for images in columns])))
+    times = f" x{intensity:g}" if intensity != 1 else ""
+    title = (
+        f"{model.model_name}: each attribute flipped alone{times} (label swap); "
+        "a column removes the attribute where the row lists it and adds it elsewhere"
+    )
+    return Figure(title, rows, ["original", "reconstruction", *attributes])
 
 
 def latent_grid_figure(

@@ -95,14 +95,45 @@ def base_attributes(
     raise ZooError(f"--base must be prior or zero, not {base!r}")
 
 
+# CelebA attributes that cannot hold together. Setting one of them to 1 clears the ones listed
+# for it, as AttGAN's test protocol does (He et al. 2019): a face made blond is no longer
+# black-haired, one given a mustache no longer has "No_Beard", a bald one loses its bangs.
+_HAIR = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
+EXCLUDES: dict[str, tuple[str, ...]] = {
+    **{colour: tuple(other for other in _HAIR if other != colour) for colour in _HAIR},
+    "Straight_Hair": ("Wavy_Hair",),
+    "Wavy_Hair": ("Straight_Hair",),
+    "Mustache": ("No_Beard",),
+    "No_Beard": ("Mustache",),
+    "Bald": ("Bangs",),
+    "Receding_Hairline": ("Bangs",),
+    "Bangs": ("Bald", "Receding_Hairline"),
+}
+
+
 def with_assignments(
     y: torch.Tensor, assignments: dict[str, float], attr_names: list[str]
 ) -> torch.Tensor:
-    """A copy of ``y`` with the assigned attributes set in every row."""
+    """A copy of ``y`` with the assigned attributes set in every row.
+
+    An attribute set to 1 also clears the attributes `EXCLUDES` lists for it (unless they are
+    assigned too), so the labels stay a combination the training data can hold.
+    """
     y = y.clone()
+    for name, value in assignments.items():
+        if value >= 0.5:
+            for other in EXCLUDES.get(name, ()):
+                if other in attr_names and other not in assignments:
+                    y[:, attr_names.index(other)] = 0.0
     for name, value in assignments.items():
         y[:, attr_names.index(name)] = value
     return y
+
+
+def scale_edit(y: torch.Tensor, new_y: torch.Tensor, intensity: float) -> torch.Tensor:
+    """Labels ``intensity`` times as far from ``y`` as ``new_y`` is (AttGAN's test intensity):
+    1 is the plain swap, 2 pushes a 0 -> 1 change to 2 and a 1 -> 0 change to -1."""
+    return y + intensity * (new_y - y)
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -180,14 +211,19 @@ def interpolate(
 
 
 def edit_by_labels(
-    model: GenerativeModel, x: torch.Tensor, y: torch.Tensor, new_y: torch.Tensor
+    model: GenerativeModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    new_y: torch.Tensor,
+    intensity: float = 1.0,
 ) -> torch.Tensor:
-    """The CVAE label swap: encode with the true labels, decode the same z with new labels."""
+    """The CVAE label swap: encode with the true labels, decode the same z with new labels
+    (the change scaled by ``intensity``, see `scale_edit`)."""
     if not model.conditional:
         raise ZooError(
             f"{model.model_name} is unconditional: edit it with a concept vector (--concept)"
         )
-    return decode(model, encode_means(model, x, y), new_y)
+    return decode(model, encode_means(model, x, y), scale_edit(y, new_y, intensity))
 
 
 def edit_by_concept(
