@@ -20,6 +20,7 @@ import torch
 from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData
 from zoo.errors import ZooError
+from zoo.figures import Figure
 from zoo.model import GenerativeModel
 from zoo.registry import PluginRegistry
 
@@ -38,7 +39,8 @@ class BenchSettings:
     fid_weights: str | None = None
     classifier: str | None = None  # path of an attribute classifier; default: found by fingerprint
     runs_dir: str = "runs"
-    edit_strength: float = 1.0
+    edit_strength: float = 1.0  # concept-vector multiplier (unconditional models)
+    edit_intensity: float = 1.0  # scale of every edit: the label change, or the concept shift
     throughput_batch_size: int = 64
     precision: str = "auto"  # of the throughput measurements; quality metrics run in fp32
     throughput_repeats: int = 5
@@ -56,6 +58,7 @@ class BenchContext:
     settings: BenchSettings
     device: torch.device
     tools: dict[str, Any] = field(default_factory=dict)  # shared across models (classifier, ...)
+    figures: list[tuple[str, Figure]] = field(default_factory=list)  # (name, picture) to write
 
     @property
     def labels(self) -> torch.Tensor | None:

@@ -41,15 +41,32 @@ def markdown(report: BenchReport) -> str:
         for result in report.results
         for name, message in result.errors.items()
     ]
+    figures = [
+        f"- {result.info.model_name} ({result.checkpoint.parent.name}): ![]({Path(figure).name})"
+        for result in report.results
+        for figure in result.figure_paths
+    ]
+    if figures:
+        lines += ["", "## Pictures", "", *figures]
     if errors:
         lines += ["", "## Not computed", "", *errors]
     return "\n".join(lines) + "\n"
 
 
 def write_report(report: BenchReport, path: Path) -> tuple[Path, Path]:
-    """Write ``path`` (JSON) and the Markdown table beside it (same name, ``.md``)."""
+    """Write ``path`` (JSON), the Markdown table beside it (same name, ``.md``) and the
+    metrics' pictures beside both (``<name>-<figure>-<run>.png``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for result in report.results:
+        result.figure_paths = [
+            str(
+                figure.save(
+                    path.with_name(f"{path.stem}-{name}-{result.checkpoint.parent.name}.png")
+                )
+            )
+            for name, figure in result.figures
+        ]
     path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     table = path.with_suffix(".md")
     table.write_text(markdown(report))

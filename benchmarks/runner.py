@@ -18,6 +18,7 @@ from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
 from zoo.checkpoint import CheckpointInfo, read_info
 from zoo.device import pick_device
 from zoo.errors import ZooError
+from zoo.figures import Figure
 from zoo.latent import load_split
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class ModelResult:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     headline: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    figures: list[tuple[str, Figure]] = field(default_factory=list)
+    figure_paths: list[str] = field(default_factory=list)  # filled when the report is written
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +66,7 @@ class ModelResult:
             "training": self.info.training,
             "metrics": self.metrics,
             "errors": self.errors,
+            "figures": self.figure_paths,
         }
 
 
@@ -110,7 +114,9 @@ def run_bench(
         except ZooError as error:
             result.errors = dict.fromkeys(metrics, str(error))
             continue
-        context = BenchContext(model, Path(checkpoint), result.info, data, settings, device, tools)
+        context = BenchContext(
+            model, Path(checkpoint), result.info, data, settings, device, tools, result.figures
+        )
         for name, metric in metrics.items():
             started = time.perf_counter()
             log.info(

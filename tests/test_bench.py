@@ -101,6 +101,7 @@ def toy_context(model: GenerativeModel, data: ImageData, **settings) -> BenchCon
         preprocess={"image_size": 8, "crop_fraction": 1.0, "channels": 3},
         data={"fingerprint": "toy"},
     )
+    model.checkpoint_info = info
     context = BenchContext(
         model, info.path, info, data, BenchSettings(batch_size=7, **settings), torch.device("cpu")
     )
@@ -133,6 +134,45 @@ def test_edit_accuracy_of_a_model_that_ignores_labels():
         )
         assert result["per_attribute"][name]["preservation"] == 1.0
         assert result["per_attribute"][name]["pixel_l1"] == 0.0
+
+
+@pytest.mark.parametrize(("intensity", "works"), [(0.4, False), (0.6, True), (1.0, True)])
+def test_edit_intensity_scales_the_label_change(intensity, works):
+    """PaintLabels paints a label's value; the ruler reads above 0.5 as on. A change scaled
+    by 0.4 leaves every label on its side of 0.5, so no edit may count as done."""
+    model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
+    result = EditAccuracy().compute(toy_context(model, painted_data(), edit_intensity=intensity))
+    assert result["intensity"] == intensity
+    for name in NAMES:
+        assert result["per_attribute"][name]["accuracy"] == (1.0 if works else 0.0)
+
+
+class BlindToBald(ColourClassifier):
+    """A ruler that never sees Bald: its balanced accuracy there is 0.5."""
+
+    def predict(self, x, batch_size=256):
+        reading = super().predict(x, batch_size)
+        reading[:, 0] = 0
+        return reading
+
+
+def test_edit_accuracy_is_also_reported_over_the_attributes_the_ruler_reads():
+    model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
+    data = painted_data()
+    context = toy_context(model, data)
+    ruler = SimpleNamespace(path=Path("/toy/blind.safetensors"), backbone="colour")
+    context.classifier = lambda: (BlindToBald(), ruler)
+    result = EditAccuracy().compute(context)
+    trusted = result["trusted_ruler"]
+    assert trusted["attributes"] == ["Eyeglasses", "Male"]
+    assert trusted["mean_accuracy"] == 1.0 and trusted["mean_preservation"] == 1.0
+    bald_rate = data.attrs[:, 0].mean().item()  # removing Bald reads as success, adding fails
+    assert result["mean"]["accuracy"] == pytest.approx((bald_rate + 2) / 3)
+    [(name, figure)] = context.figures
+    assert name == "edits" and [row.label.split()[0] for row in figure.rows][:2] == [
+        "0.jpg",
+        "1.jpg",
+    ]
 
 
 def test_reconstruction_of_a_perfect_model():
@@ -252,6 +292,11 @@ def test_zoo_bench_end_to_end(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "FD-attr" in result.output and "edit acc" in result.output
     assert out.is_file() and out.with_suffix(".md").read_text().count("| cvae |") == 1
+    # one picture of single-attribute edits per conditional model, beside the table
+    [cvae, vae] = json.loads(out.read_text())["results"]
+    [picture] = cvae["figures"]
+    assert Path(picture).is_file() and Path(picture).parent == tmp_path
+    assert Path(picture).name in out.with_suffix(".md").read_text() and not vae["figures"]
 
     # the standard FID needs weights this machine does not have: said, others still reported
     result = CliRunner().invoke(
