@@ -651,6 +651,15 @@ def train_classifier_command(
     ] = "resnet18",
     epochs: Annotated[int | None, typer.Option(help="Passes over the split.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    shift: Annotated[
+        float | None,
+        typer.Option(help="Random translation, a fraction of the side (1/16; 0: none)."),
+    ] = None,
+    balanced: Annotated[
+        bool, typer.Option(help="Weight each attribute's positives by negatives/positives.")
+    ] = True,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (0).")] = None,
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     out: RunsOutOption = Path("runs"),
@@ -666,13 +675,16 @@ def train_classifier_command(
         image_size=image_size,
         backbone=backbone,
         batch_size=batch_size,
+        balanced=balanced,
+        precision=precision,
         seed=seed,
         device=device,
         out=str(out),
         progress=progress,
     )
-    if epochs is not None:
-        settings.epochs = epochs
+    for name, value in {"epochs": epochs, "shift": shift, "weight_decay": weight_decay}.items():
+        if value is not None:
+            setattr(settings, name, value)
     path, details = train_classifier(settings)
     evaluation = details.evaluation
     console.print(
