@@ -237,7 +237,7 @@ def list_command(
 
     table = Table(title="registered models")
     for column in ("name", "family", "conditional", "source", "description"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("name", "source"))  # names stay copyable
     shown = set(MODELS.names(pattern))
     for entry in MODELS.all_entries():
         if entry.name in shown:

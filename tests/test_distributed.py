@@ -87,8 +87,12 @@ def test_two_processes_match_one_with_the_same_global_batch(environment, synthet
     )
 
 
-def test_ddp_run_of_a_builtin_model_resumes(environment, synthetic_faces, tmp_path):
-    run = train(environment, synthetic_faces, tmp_path / "runs", "cvae", "--nproc", "2")
+EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_weight=1"]
+
+
+@pytest.mark.parametrize(("model", "options"), [("cvae", []), ("edit-cvae", EDIT_MECHANISMS)])
+def test_ddp_run_of_a_builtin_model_resumes(environment, synthetic_faces, tmp_path, model, options):
+    run = train(environment, synthetic_faces, tmp_path / "runs", model, "--nproc", "2", *options)
     done = subprocess.run(
         [
             sys.executable,

@@ -92,10 +92,20 @@ def swapped_head_accuracy(model: zoo.GenerativeModel) -> float:
 
 def test_the_attribute_loss_makes_swapped_decodes_obey_the_head():
     """Weight 1e-6 keeps the head (trained on real images) but takes away its pull."""
-    off = trained("attr-cvae", attr_weight=1e-6)
-    on = trained("attr-cvae", attr_weight=100.0)
+    off = trained("attr-cvae", attr_weight=1e-6, head_noise=0.0)
+    on = trained("attr-cvae", attr_weight=100.0, head_noise=0.0)
     assert swapped_head_accuracy(off) < 0.6
     assert swapped_head_accuracy(on) > 0.9
+
+
+def test_head_noise_makes_the_attribute_loss_draw_what_another_ruler_reads():
+    """A plain head is fooled by a faint square the exact ruler rejects; a smoothed one is not.
+
+    (Noise of std 1 here: the faint square is a large change on these 16 px images.)"""
+    plain_head = trained("attr-cvae", steps=600, attr_weight=100.0, head_noise=0.0)
+    smoothed = trained("attr-cvae", steps=600, attr_weight=100.0, head_noise=1.0)
+    assert edit_accuracy(plain_head) < 0.7
+    assert edit_accuracy(smoothed) > 0.9
 
 
 def test_film_conditions_every_decoder_stage():

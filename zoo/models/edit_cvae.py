@@ -17,6 +17,10 @@ so any combination is one ``-o`` away:
 - ``attr_weight`` (AttGAN's attribute classification constraint, He et al. 2019): an
   attribute head learns the labels from real images; each step also decodes z with randomly
   flipped labels, and the head's disagreement with those labels is the decoder's loss.
+  Without AttGAN's image discriminator the decoder soon fools a plain head with faint
+  textures no other classifier reads; ``head_noise`` adds Gaussian noise to everything the
+  head sees (as randomized smoothing does, Cohen et al. 2019), so only changes larger than
+  the noise move it, and those are the ones an independent classifier reads too.
 
 The discriminator and the head are parameters of the model, so they are saved and resumed
 with it, but `encode`, `decode` and `generate` never call them. Each trains only on its own
@@ -50,6 +54,7 @@ class EditCVAEConfig(ModelConfig):
     adversary_hidden: int = 256
     attr_weight: float = 0.0
     attr_flip_prob: float = 0.1
+    head_noise: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +64,8 @@ class EditCVAEConfig(ModelConfig):
             raise ZooError("adversary_weight and attr_weight must be non-negative")
         if self.adversary_warmup < 0 or self.adversary_hidden < 1:
             raise ZooError("adversary_warmup must be >= 0 and adversary_hidden >= 1")
+        if self.head_noise < 0:
+            raise ZooError(f"head_noise must be non-negative, got {self.head_noise}")
         if not 0 < self.attr_flip_prob <= 1:
             raise ZooError(f"attr_flip_prob must be in (0, 1], got {self.attr_flip_prob}")
 
@@ -120,6 +127,12 @@ class EditCVAE(CVAE):
         flips = torch.rand_like(y) < self.config.attr_flip_prob
         return torch.where(flips, 1.0 - y, y)
 
+    def noisy(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the head sees them: with Gaussian noise of std ``head_noise`` (if any)."""
+        if not self.config.head_noise:
+            return images
+        return images + self.config.head_noise * torch.randn_like(images)
+
     def loss(
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
@@ -143,10 +156,10 @@ class EditCVAE(CVAE):
             accuracy = ((guess.detach() > 0).float() == y).float().mean()
             losses |= {"disc": disc, "adversary": adversary, "disc_acc": accuracy}
         if self.attribute_head is not None:
-            head = _bce(self.attribute_head(x), y)
+            head = _bce(self.attribute_head(self.noisy(x)), y)
             target = self.flipped_labels(y)
             edited = torch.sigmoid(self.decode_logits(z, target))
-            attr = _bce(_frozen(self.attribute_head, edited), target)
+            attr = _bce(_frozen(self.attribute_head, self.noisy(edited)), target)
             total = total + head + c.attr_weight * attr
             losses |= {"head": head, "attr": attr}
         return {"loss": total, **losses}
@@ -161,28 +174,45 @@ class FiLMCVAEConfig(EditCVAEConfig):
 class FiLMCVAE(EditCVAE):
     """CVAE whose labels scale and shift every decoder stage (FiLM)."""
 
+    family = "CVAE + FiLM"
     config_class = FiLMCVAEConfig
 
 
 @dataclass
 class FaderCVAEConfig(EditCVAEConfig):
-    adversary_weight: float = 1.0
+    adversary_weight: float = 10.0
 
 
 @register_model("fader-cvae")
 class FaderCVAE(EditCVAE):
     """CVAE whose encoder is trained to hide the labels from a latent discriminator (Fader)."""
 
+    family = "CVAE + Fader adversary"
     config_class = FaderCVAEConfig
 
 
 @dataclass
 class AttrCVAEConfig(EditCVAEConfig):
-    attr_weight: float = 1.0
+    attr_weight: float = 100.0
+    head_noise: float = 0.3
 
 
 @register_model("attr-cvae")
 class AttrCVAE(EditCVAE):
     """CVAE trained so an attribute head reads the labels it was decoded with (AttGAN)."""
 
+    family = "CVAE + AttGAN loss"
     config_class = AttrCVAEConfig
+
+
+@dataclass
+class FiLMAttrCVAEConfig(AttrCVAEConfig):
+    film: bool = True
+
+
+@register_model("film-attr-cvae")
+class FiLMAttrCVAE(EditCVAE):
+    """The recommended editor: FiLM decoder trained against a noise-smoothed attribute head."""
+
+    family = "CVAE + FiLM + AttGAN loss"
+    config_class = FiLMAttrCVAEConfig
