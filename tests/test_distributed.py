@@ -87,7 +87,8 @@ def test_two_processes_match_one_with_the_same_global_batch(environment, synthet
     )
 
 
-EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_weight=1"]
+EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_weight=1",
+                   "-o", "realism_weight=1"]  # fmt: skip
 
 
 @pytest.mark.parametrize(("model", "options"), [("cvae", []), ("edit-cvae", EDIT_MECHANISMS)])

@@ -108,6 +108,16 @@ def test_head_noise_makes_the_attribute_loss_draw_what_another_ruler_reads():
     assert edit_accuracy(smoothed) > 0.9
 
 
+def test_the_edit_critic_turns_faint_squares_into_squares():
+    """The plain attribute loss settles for a faint square; reconstructions never have one."""
+    alone = trained("attr-cvae", steps=600, attr_weight=100.0, head_noise=0.0)
+    critic = trained(
+        "attr-cvae", steps=600, attr_weight=100.0, head_noise=0.0, realism_weight=100.0
+    )
+    assert edit_accuracy(alone) < 0.7
+    assert edit_accuracy(critic) > 0.9
+
+
 def test_film_conditions_every_decoder_stage():
     """With FiLM the labels reach the decoder even where its input ignores them."""
     torch.manual_seed(0)
@@ -124,13 +134,19 @@ def test_film_conditions_every_decoder_stage():
         assert depends == uses_film, name
 
 
-@pytest.mark.parametrize("name", ["fader-cvae", "attr-cvae"])
-def test_auxiliary_networks_are_saved_but_not_needed_to_decode(name, tmp_path):
-    model = zoo.create_model(name, **TINY).eval()
+@pytest.mark.parametrize(
+    ("name", "config", "auxiliary"),
+    [
+        ("fader-cvae", {}, "discriminator"),
+        ("attr-cvae", {}, "attribute_head"),
+        ("edit-cvae", {"realism_weight": 1.0}, "critic"),
+    ],
+)
+def test_auxiliary_networks_are_saved_but_not_needed_to_decode(name, config, auxiliary, tmp_path):
+    model = zoo.create_model(name, **TINY, **config).eval()
     path = tmp_path / "model.safetensors"
     zoo.save_checkpoint(path, model)
     loaded = zoo.load(path)
-    auxiliary = "discriminator" if name == "fader-cvae" else "attribute_head"
     assert any(key.startswith(auxiliary) for key in loaded.state_dict())
     setattr(loaded, auxiliary, None)  # encode / decode / generate must not touch it
     x, y = square_task(4, seed=5)

@@ -64,13 +64,15 @@ def test_max_steps_bounds_the_run(faces, tmp_path):
     assert result.step == 3
 
 
-# FiLM, the latent adversary (its ramp clock is a buffer) and the attribute head at once
+# FiLM, the latent adversary (its ramp clock is a buffer), the attribute head and the critic
 EVERY_EDIT_MECHANISM = {
     **TINY,
     "film": True,
     "adversary_weight": 1.0,
     "adversary_warmup": 6,
     "attr_weight": 1.0,
+    "head_noise": 0.1,
+    "realism_weight": 1.0,
 }
 
 

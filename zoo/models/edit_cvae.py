@@ -21,11 +21,16 @@ so any combination is one ``-o`` away:
   textures no other classifier reads; ``head_noise`` adds Gaussian noise to everything the
   head sees (as randomized smoothing does, Cohen et al. 2019), so only changes larger than
   the noise move it, and those are the ones an independent classifier reads too.
+- ``realism_weight`` (AttGAN's image adversary, aimed at edits only): a critic learns to
+  tell decodes with flipped labels from ordinary reconstructions, and the decoder is
+  penalised when it can. Reconstructions, not real photographs, are its "real" class, so
+  it does not fight the VAE's blur; it can only learn what an edit adds that no
+  reconstruction has, which is the blotches an attribute loss alone paints.
 
-The discriminator and the head are parameters of the model, so they are saved and resumed
-with it, but `encode`, `decode` and `generate` never call them. Each trains only on its own
-loss: the model's other losses reach them through detached copies of their weights, which
-keeps one optimizer and one backward pass per step.
+The discriminator, the head and the critic are parameters of the model, so they are saved
+and resumed with it, but `encode`, `decode` and `generate` never call them. Each trains only
+on its own loss: the model's other losses reach them through detached copies of their
+weights, which keeps one optimizer and one backward pass per step.
 """
 
 from __future__ import annotations
@@ -55,19 +60,23 @@ class EditCVAEConfig(ModelConfig):
     attr_weight: float = 0.0
     attr_flip_prob: float = 0.1
     head_noise: float = 0.0
+    realism_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.film, bool):
             raise ZooError(f"film must be true or false, got {self.film!r}")
-        if self.adversary_weight < 0 or self.attr_weight < 0:
-            raise ZooError("adversary_weight and attr_weight must be non-negative")
+        if min(self.adversary_weight, self.attr_weight, self.realism_weight) < 0:
+            raise ZooError("adversary_weight, attr_weight and realism_weight must be >= 0")
         if self.adversary_warmup < 0 or self.adversary_hidden < 1:
             raise ZooError("adversary_warmup must be >= 0 and adversary_hidden >= 1")
         if self.head_noise < 0:
             raise ZooError(f"head_noise must be non-negative, got {self.head_noise}")
         if not 0 < self.attr_flip_prob <= 1:
             raise ZooError(f"attr_flip_prob must be in (0, 1], got {self.attr_flip_prob}")
+
+
+Losses = dict[str, torch.Tensor]
 
 
 def _frozen(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
@@ -83,7 +92,7 @@ def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @register_model("edit-cvae")
 class EditCVAE(CVAE):
-    """CVAE with FiLM, a Fader latent adversary and an AttGAN attribute loss, each switchable."""
+    """CVAE with FiLM, a Fader latent adversary, an AttGAN attribute loss and an edit critic."""
 
     family = "CVAE + edit mechanisms"
     config_class = EditCVAEConfig
@@ -118,6 +127,11 @@ class EditCVAE(CVAE):
                 encoder, nn.Linear(encoder.out_features, c.num_attributes)
             )
 
+        self.critic = None
+        if c.realism_weight > 0:
+            encoder = ConvEncoder(c.channels, c.image_size, c.base_channels, c.max_channels)
+            self.critic = nn.Sequential(encoder, nn.Linear(encoder.out_features, 1))
+
     def decode_logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         y = self.check_attributes(y, z.shape[0]).to(z.dtype)
         return self.decoder(torch.cat([z, y], dim=1), y if self.config.film else None)
@@ -136,33 +150,67 @@ class EditCVAE(CVAE):
     def loss(
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
-        c = self.config
         y = self.check_attributes(y, x.shape[0])
         posterior: Posterior = self.encode(x, y)
         z = posterior.sample()
-        recon = self.reconstruction_nll(self.decode_logits(z, y), x).mean()
+        logits = self.decode_logits(z, y)
+        recon = self.reconstruction_nll(logits, x).mean()
         kl = posterior.kl().mean()
-        total = recon + c.beta * kl_weight * kl
+        total = recon + self.config.beta * kl_weight * kl
         losses = {"recon": recon, "kl": kl}
         if self.discriminator is not None:
-            guess = self.discriminator(posterior.mean.detach())
-            disc = _bce(guess, y)
-            confused = torch.full_like(y, 0.5)
-            adversary = _bce(_frozen(self.discriminator, posterior.mean), confused)
-            ramp = (self.adversary_step.float() / max(c.adversary_warmup, 1)).clamp(max=1.0)
-            if self.training:
-                self.adversary_step += 1
-            total = total + disc + c.adversary_weight * ramp * adversary
-            accuracy = ((guess.detach() > 0).float() == y).float().mean()
-            losses |= {"disc": disc, "adversary": adversary, "disc_acc": accuracy}
-        if self.attribute_head is not None:
-            head = _bce(self.attribute_head(self.noisy(x)), y)
-            target = self.flipped_labels(y)
-            edited = torch.sigmoid(self.decode_logits(z, target))
-            attr = _bce(_frozen(self.attribute_head, self.noisy(edited)), target)
-            total = total + head + c.attr_weight * attr
-            losses |= {"head": head, "attr": attr}
+            total = self.latent_adversary(posterior, y, total, losses)
+        if self.attribute_head is not None or self.critic is not None:
+            total = self.swapped_decodes(x, y, z, logits, total, losses)
         return {"loss": total, **losses}
+
+    def latent_adversary(
+        self, posterior: Posterior, y: torch.Tensor, total: torch.Tensor, losses: Losses
+    ) -> torch.Tensor:
+        """Fader: the discriminator learns y from z; the encoder is pushed to confuse it.
+        Adds its terms to ``losses`` and returns ``total`` plus their weighted sum."""
+        c = self.config
+        guess = self.discriminator(posterior.mean.detach())
+        disc = _bce(guess, y)
+        confused = torch.full_like(y, 0.5)
+        adversary = _bce(_frozen(self.discriminator, posterior.mean), confused)
+        ramp = (self.adversary_step.float() / max(c.adversary_warmup, 1)).clamp(max=1.0)
+        if self.training:
+            self.adversary_step += 1
+        accuracy = ((guess.detach() > 0).float() == y).float().mean()
+        losses |= {"disc": disc, "adversary": adversary, "disc_acc": accuracy}
+        return total + disc + c.adversary_weight * ramp * adversary
+
+    def swapped_decodes(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        z: torch.Tensor,
+        logits: torch.Tensor,
+        total: torch.Tensor,
+        losses: Losses,
+    ) -> torch.Tensor:
+        """Decode z with flipped labels; the head must read the new labels, the critic must
+        not tell the result from an ordinary reconstruction."""
+        c = self.config
+        head = self.attribute_head
+        head_reading = None if head is None else head(self.noisy(x))
+        target = self.flipped_labels(y)
+        edited = torch.sigmoid(self.decode_logits(z, target))
+        if head is not None:
+            head_loss = _bce(head_reading, y)
+            attr = _bce(_frozen(head, self.noisy(edited)), target)
+            total = total + head_loss + c.attr_weight * attr
+            losses |= {"head": head_loss, "attr": attr}
+        if self.critic is not None:
+            # reconstructions are "real": the critic can only learn what edits add (artefacts)
+            real = self.critic(torch.sigmoid(logits).detach())
+            fake = self.critic(edited.detach())
+            critic = F.softplus(-real).mean() + F.softplus(fake).mean()
+            realism = F.softplus(-_frozen(self.critic, edited)).mean()
+            total = total + critic + c.realism_weight * realism
+            losses |= {"critic": critic, "realism": realism}
+        return total
 
 
 @dataclass
@@ -212,7 +260,20 @@ class FiLMAttrCVAEConfig(AttrCVAEConfig):
 
 @register_model("film-attr-cvae")
 class FiLMAttrCVAE(EditCVAE):
-    """The recommended editor: FiLM decoder trained against a noise-smoothed attribute head."""
+    """FiLM decoder trained against a noise-smoothed attribute head."""
 
     family = "CVAE + FiLM + AttGAN loss"
     config_class = FiLMAttrCVAEConfig
+
+
+@dataclass
+class FiLMAttrCriticCVAEConfig(FiLMAttrCVAEConfig):
+    realism_weight: float = 300.0
+
+
+@register_model("film-attr-critic-cvae")
+class FiLMAttrCriticCVAE(EditCVAE):
+    """The recommended editor: FiLM, the smoothed attribute loss and the edit critic."""
+
+    family = "CVAE + FiLM + AttGAN loss + edit critic"
+    config_class = FiLMAttrCriticCVAEConfig
