@@ -30,12 +30,18 @@ class CVAE(GenerativeModel):
         self.label_plane = nn.Linear(c.num_attributes, c.image_size * c.image_size)
         self.encoder = ConvEncoder(c.channels + 1, c.image_size, c.base_channels, c.max_channels)
         self.to_posterior = nn.Linear(self.encoder.out_features, 2 * c.latent_dim)
-        self.decoder = ConvDecoder(
+        self.decoder = self.conv_decoder()
+
+    def conv_decoder(self, cond_features: int = 0) -> ConvDecoder:
+        """The decoder of z beside y; with ``cond_features`` y also drives its norms (FiLM)."""
+        c = self.config
+        return ConvDecoder(
             c.latent_dim + c.num_attributes,
             c.channels,
             c.image_size,
             c.base_channels,
             c.max_channels,
+            cond_features=cond_features,
         )
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:

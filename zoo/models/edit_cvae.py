@@ -45,7 +45,7 @@ from torch.func import functional_call
 from zoo.errors import ZooError
 from zoo.model import ModelConfig, Posterior
 from zoo.models.cvae import CVAE
-from zoo.nets import ConvDecoder, ConvEncoder
+from zoo.nets import ConvEncoder
 from zoo.registry import register_model
 
 
@@ -100,15 +100,8 @@ class EditCVAE(CVAE):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         c = self.config
-        if c.film:
-            self.decoder = ConvDecoder(
-                c.latent_dim + c.num_attributes,
-                c.channels,
-                c.image_size,
-                c.base_channels,
-                c.max_channels,
-                cond_features=c.num_attributes,
-            )
+        if c.film:  # replaces the plain decoder the CVAE built
+            self.decoder = self.conv_decoder(cond_features=c.num_attributes)
         self.discriminator = None
         if c.adversary_weight > 0:
             self.discriminator = nn.Sequential(
