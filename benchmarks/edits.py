@@ -38,7 +38,7 @@ from zoo.latent import (
     load_split,
     save_concept,
     scale_edit,
-    with_assignments,
+    with_attribute,
 )
 
 # The 13 attributes of the AttGAN / STGAN edit benchmarks on CelebA.
@@ -108,9 +108,7 @@ def score_edits(
     for i, name in enumerate(names):
         if model.conditional:
             attr_names = context.info.attr_names
-            added = with_assignments(labels, {name: 1.0}, attr_names)
-            removed = with_assignments(labels, {name: 0.0}, attr_names)
-            new_labels = torch.where(flipped[:, i : i + 1].to(labels) > 0.5, added, removed)
+            new_labels = with_attribute(labels, name, flipped[:, i].to(labels), attr_names)
             edited = decode(model, z, scale_edit(labels, new_labels, settings.edit_intensity))
         else:
             scale = settings.edit_strength * settings.edit_intensity

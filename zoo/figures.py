@@ -28,6 +28,7 @@ from zoo.latent import (
     load_concept,
     scale_edit,
     with_assignments,
+    with_attribute,
 )
 from zoo.model import GenerativeModel
 from zoo.samples import GridRow, save_captioned_grid
@@ -230,9 +231,7 @@ def flip_figure(
     columns = [faces.images, decode(model, z, y)]
     for name in attributes:
         column = info.attr_names.index(name)
-        added = with_assignments(y, {name: 1.0}, info.attr_names)
-        removed = with_assignments(y, {name: 0.0}, info.attr_names)
-        new_y = torch.where(y[:, column : column + 1] > 0.5, removed, added)
+        new_y = with_attribute(y, name, 1 - y[:, column], info.attr_names)
         columns.append(decode(model, z, scale_edit(y, new_y, intensity)))
     rows = []
     for i, filename in enumerate(faces.names):

@@ -130,6 +130,16 @@ def with_assignments(
     return y
 
 
+def with_attribute(
+    y: torch.Tensor, name: str, values: torch.Tensor, attr_names: list[str]
+) -> torch.Tensor:
+    """A copy of ``y`` with ``name`` set to each row's value in ``values`` (0 or 1), clearing
+    the attributes that cannot hold with it where it is set (see `with_assignments`)."""
+    on = with_assignments(y, {name: 1.0}, attr_names)
+    off = with_assignments(y, {name: 0.0}, attr_names)
+    return torch.where(values[:, None] > 0.5, on, off)
+
+
 def scale_edit(y: torch.Tensor, new_y: torch.Tensor, intensity: float) -> torch.Tensor:
     """Labels ``intensity`` times as far from ``y`` as ``new_y`` is (AttGAN's test intensity):
     1 is the plain swap, 2 pushes a 0 -> 1 change to 2 and a 1 -> 0 change to -1."""
