@@ -69,6 +69,8 @@ def _replace_line(path: Path, number: int, new: str | None) -> None:
     ("file", "line", "new", "expected"),
     [
         ("list_attr_celeba.txt", 1, "7", "list_attr_celeba.txt line 1: says 7 images"),
+        ("list_attr_celeba.txt", 1, "six", "line 1: expected the number of images (a whole"),
+        ("list_attr_celeba.txt", 1, "6.0", "official file), got '6.0'; fix the count"),
         ("list_attr_celeba.txt", 5, "000003.jpg  1 -1", "line 5: 000003.jpg has 2 values"),
         ("list_attr_celeba.txt", 4, "000002.jpg  1  2 -1", "line 4: value '2' (Male)"),
         ("list_attr_celeba.txt", 6, "000004.jpg  0  1 -1", "line 6: value '0' (Smiling)"),
@@ -86,6 +88,13 @@ def test_malformed_label_files_name_file_and_line(make_celeba, file, line, new, 
     message = str(error.value)
     assert expected in message
     assert str(root / file) in message and "\n" not in message
+
+
+def test_a_label_file_without_the_count_line_still_parses(make_celeba):
+    root = make_celeba()
+    _replace_line(root / "list_attr_celeba.txt", 1, None)  # some copies omit the count line
+    data = load_data(str(root), "all", 16, progress=False)
+    assert data.attr_names == ["Smiling", "Male", "Young"] and len(data) == 6
 
 
 def test_missing_and_corrupt_images_are_skipped_with_one_warning(make_celeba, caplog):

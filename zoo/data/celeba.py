@@ -164,7 +164,15 @@ def _parse_attr_file(path: Path) -> tuple[list[str], list[str], np.ndarray, list
     """(file names, attribute names, int8 signs, line numbers) of list_attr_celeba.txt."""
     lines = _read_lines(path)
     first = lines[0].strip() if lines else ""
-    count = int(first) if first.isdigit() else None  # some copies omit the count line
+    count = int(first) if first.isascii() and first.isdigit() else None
+    second = lines[1].split() if len(lines) > 1 else []
+    if count is None and second and not {"1", "-1"} & set(second):
+        # line 2 holds names, not values, so line 1 is a broken count line (not a header of a
+        # copy that omits the count, whose line 2 is the first image's row)
+        raise ZooError(
+            f"{path} line 1: expected the number of images (a whole number, 202599 in the "
+            f"official file), got {first[:40]!r}; fix the count or restore the official file"
+        )
     header_index = 0 if count is None else 1
     attr_names = lines[header_index].split() if len(lines) > header_index else []
     if not attr_names:
