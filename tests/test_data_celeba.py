@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,7 @@ def test_second_load_reuses_the_cache_without_decoding(make_celeba, monkeypatch)
     assert second.fingerprint == first.fingerprint
 
 
+# README "What happens when": the source folder changes after `zoo data prepare`
 def test_a_changed_source_is_prepared_again(make_celeba, monkeypatch):
     root = make_celeba()
     first = load_data(str(root), "all", 16, progress=False)
@@ -203,6 +205,33 @@ def test_a_changed_source_is_prepared_again(make_celeba, monkeypatch):
     assert len(decoded) == 6
     assert second.fingerprint != first.fingerprint
     assert second.attrs[0].tolist() == [1.0, 1.0, 1.0]
+    assert len(list((cache.cache_dir() / "prepared").iterdir())) == 2
+
+
+# README "What happens when": the source folder changes after `zoo data prepare`
+def test_an_image_changed_at_the_same_size_is_prepared_again(make_celeba):
+    root = make_celeba()
+    first = load_data(str(root), "all", 16, progress=False)
+    image = root / "img_align_celeba" / "000001.jpg"
+    before = image.stat()
+    colour = torch.tensor([230, 90, 160], dtype=torch.uint8)[:, None, None]
+    write_image(image, colour.expand(3, make_celeba.height, make_celeba.width).contiguous())
+    after = image.stat()
+    assert after.st_size == before.st_size and after.st_mtime_ns != before.st_mtime_ns
+    second = load_data(str(root), "all", 16, progress=False)
+    assert second.fingerprint != first.fingerprint
+    assert abs(second.images[0, 0].float().mean().item() - 230) < 4  # the new pixels, not stale
+
+
+# README "What happens when": the source folder changes after `zoo data prepare`
+def test_touching_an_image_prepares_again(make_celeba):
+    root = make_celeba()
+    first = load_data(str(root), "all", 16, progress=False)
+    image = root / "img_align_celeba" / "000002.jpg"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    second = load_data(str(root), "all", 16, progress=False)
+    assert second.fingerprint != first.fingerprint
     assert len(list((cache.cache_dir() / "prepared").iterdir())) == 2
 
 

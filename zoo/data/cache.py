@@ -1,9 +1,9 @@
 """The prepared cache: every image of a source decoded once into one memory-mapped uint8 file.
 
 Training and benchmarks index this tensor directly, so an epoch decodes no JPEG. A cache
-directory is keyed by the source fingerprint (content, not mtimes), image size and crop; it is
-built in a temp dir and renamed into place, so a crash or a concurrent build never leaves a
-half-written cache that looks complete.
+directory is keyed by the source fingerprint (image names, sizes and mtimes, label file bytes;
+see `celeba.fingerprint`), image size and crop; it is built in a temp dir and renamed into
+place, so a crash or a concurrent build never leaves a half-written cache that looks complete.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Prepared:
     """A loaded cache: rows ordered train, valid, test so each split is a zero-copy slice."""
 
     name: str  # "celeba" | "synthetic-faces"
-    fingerprint: str  # of the source folder's content
+    fingerprint: str  # of the source folder: image names, sizes, mtimes and the label files
     images: torch.Tensor  # uint8 N x C x S x S, memory-mapped
     attrs: torch.Tensor  # int8 N x A, 0 / 1
     filenames: list[str]
@@ -86,8 +86,8 @@ def prepare(
     """
     root = Path(root).resolve()
     celeba.require_layout(root)
-    image_sizes = celeba.scan_images(root)
-    source_fingerprint = celeba.fingerprint(root, image_sizes)
+    image_stats = celeba.scan_images(root)
+    source_fingerprint = celeba.fingerprint(root, image_stats)
     name = celeba.dataset_name(root)
     target = (
         cache_dir() / "prepared" / f"{name}-{source_fingerprint[:16]}-{preprocess.image_size}px"
@@ -98,7 +98,7 @@ def prepare(
         index = _build(
             root,
             name,
-            image_sizes,
+            image_stats,
             source_fingerprint,
             preprocess,
             target,
@@ -199,7 +199,7 @@ def _complete_index(target: Path, source_fingerprint: str, preprocess: Preproces
 def _build(
     root: Path,
     name: str,
-    image_sizes: dict[str, int],
+    image_stats: dict[str, tuple[int, int]],
     source_fingerprint: str,
     preprocess: Preprocess,
     target: Path,
@@ -214,7 +214,7 @@ def _build(
     present: list[int] = []
     for row in order.tolist():
         filename = labels.filenames[row]
-        if filename in image_sizes:
+        if filename in image_stats:
             present.append(row)
             continue
         if strict:
