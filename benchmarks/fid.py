@@ -6,7 +6,9 @@ the score measures conditional generation on the real label distribution. Featur
 one of two extractors (``--fid-features``):
 
 - ``inception`` (default): the 2048-d pool features of torch-fidelity's InceptionV3, the
-  standard FID. The weights file is never downloaded and never unpickled: it is read with
+  standard FID. The weights file is never downloaded and never unpickled: its full sha256 is
+  checked before anything parses it (`read_verified_weights`; ``$ZOO_FID_WEIGHTS_SHA256``
+  names another file's), and the verified bytes are read with
   ``torch.load(weights_only=True)`` (see `weights_only_inception_loading`).
 - ``classifier``: the penultimate features of the zoo's attribute classifier for the data,
   reported as "FD-attr" (a Fréchet distance, not comparable with published FIDs).
@@ -20,6 +22,7 @@ leaderboard of many models extracts real features once.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -50,10 +53,12 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = (
     f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 )
-# torch.hub names downloads by a prefix of their sha256; a file that lacks it is not the original
-INCEPTION_SHA256_PREFIX = "6726825d"
+INCEPTION_HINT = f"use {INCEPTION_FILE} from {INCEPTION_URL}"
+# the released file's sha256 (torch.hub names downloads by its first 8 hex digits)
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_FEATURES = "inception-v3-2048"
 WEIGHTS_ENV = "ZOO_FID_WEIGHTS"
+WEIGHTS_SHA256_ENV = "ZOO_FID_WEIGHTS_SHA256"  # the sha256 of a deliberately different file
 FEATURE_CHOICES = ("inception", "classifier")
 
 STATS_DIR = "fid-stats"
@@ -102,42 +107,82 @@ def missing_weights_message(hub: Path) -> str:
     )
 
 
-def load_weights_only(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict read with ``weights_only=True``: tensors and plain containers, never code."""
+def expected_weights_sha256() -> str:
+    """The sha256 the weights file must have: ``$ZOO_FID_WEIGHTS_SHA256`` when a different file
+    is used on purpose, else that of torch-fidelity's released file."""
+    value = os.environ.get(WEIGHTS_SHA256_ENV, "").strip().lower()
+    if not value:
+        return INCEPTION_SHA256
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ZooError(
+            f"${WEIGHTS_SHA256_ENV} must be the 64 hex digits of a sha256 (as `sha256sum FILE` "
+            f"prints them), got {value[:80]!r}; fix it or unset it"
+        )
+    return value
+
+
+def read_verified_weights(path: Path) -> tuple[bytes, str]:
+    """The weights file's bytes and sha256, refused unless the sha256 is the expected one.
+
+    The hash is of the very bytes that are then loaded, so a file swapped on disk after the
+    check is never read, and a file of unknown origin never reaches a parser.
+    """
+    expected = expected_weights_sha256()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ZooError(f"cannot read {path} ({error_reason(error)}); {INCEPTION_HINT}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        wanted = (
+            f"that of torch-fidelity's released {INCEPTION_FILE}"
+            if expected == INCEPTION_SHA256
+            else f"the {expected} that ${WEIGHTS_SHA256_ENV} asks for"
+        )
+        raise ZooError(
+            f"refusing {path}: its sha256 is not {wanted}, so it is not loaded; "
+            f"{INCEPTION_HINT}, or, to use this file deliberately, set "
+            f"{WEIGHTS_SHA256_ENV}={digest}"
+        )
+    return data, digest
+
+
+def load_weights_only(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    """The state dict in ``data`` (the bytes of ``path``, named in errors), read with
+    ``weights_only=True``: tensors and plain containers, never code."""
     try:
         with warnings.catch_warnings():
             # the weights-only unpickler warns about pickle protocols it was not written for
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported (global: GLOBAL [\w.]+|operand \d+)", str(error))
         reason = f"unsupported {found.group(1)}" if found else "objects other than tensors"
         raise ZooError(
             f"refusing {path}: it is not a plain tensor file ({reason}); zoo only loads weights "
-            f"with weights_only=True and never runs code from a file; use {INCEPTION_FILE} "
-            f"from {INCEPTION_URL}"
+            f"with weights_only=True and never runs code from a file; {INCEPTION_HINT}"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as error:
         reason = error_reason(error)
         raise ZooError(
-            f"{path} is not a readable PyTorch weights file ({reason}); "
-            f"use {INCEPTION_FILE} from {INCEPTION_URL}"
+            f"{path} is not a readable PyTorch weights file ({reason}); {INCEPTION_HINT}"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(value, torch.Tensor) for value in state.values()
     ):
         raise ZooError(
-            f"{path} holds a {type(state).__name__}, not a state dict of tensors; "
-            f"use {INCEPTION_FILE} from {INCEPTION_URL}"
+            f"{path} holds a {type(state).__name__}, not a state dict of tensors; {INCEPTION_HINT}"
         )
     return state
 
 
 class _WeightsOnlyTorch:
     """Stands in for the name ``torch`` inside torch-fidelity's InceptionV3 module: everything is
-    the real torch except ``load``, which goes through `load_weights_only` and records the call."""
+    the real torch except ``load``, which reads the verified bytes through `load_weights_only`
+    and records the path it was asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path, self.data = path, data
         self.loaded: list[Path] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -146,7 +191,7 @@ class _WeightsOnlyTorch:
     def load(self, f: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         # whatever torch-fidelity asks for (it passes weights_only=False), read tensors only
         self.loaded.append(Path(f))
-        return load_weights_only(Path(f))
+        return load_weights_only(self.path, self.data)
 
 
 def _refuse_download(*args: Any, **kwargs: Any) -> None:
@@ -160,8 +205,9 @@ _PATCH_LOCK = threading.Lock()
 
 
 @contextmanager
-def weights_only_inception_loading() -> Iterator[_WeightsOnlyTorch]:
-    """Make torch-fidelity's InceptionV3 read its weights with ``weights_only=True``.
+def weights_only_inception_loading(path: Path, data: bytes) -> Iterator[_WeightsOnlyTorch]:
+    """Make torch-fidelity's InceptionV3 read ``data`` (the verified bytes of ``path``) with
+    ``weights_only=True``.
 
     ``FeatureExtractorInceptionV3.__init__`` (which torchmetrics' ``NoTrainInceptionV3``
     inherits) unpickles its weights file (``weights_only=False``): a crafted file would run code.
@@ -182,7 +228,7 @@ def weights_only_inception_loading() -> Iterator[_WeightsOnlyTorch]:
             "torch-fidelity's InceptionV3 no longer loads its weights through torch.load; "
             "benchmarks/fid.py's weights-only guard must be updated before it can be used"
         )
-    proxy = _WeightsOnlyTorch()
+    proxy = _WeightsOnlyTorch(path, data)
     with _PATCH_LOCK:
         saved = [getattr(inception_module, name) for name in names]
         inception_module.torch = proxy
@@ -194,13 +240,15 @@ def weights_only_inception_loading() -> Iterator[_WeightsOnlyTorch]:
                 setattr(inception_module, name, value)
 
 
-def inception_fid(weights: Path) -> FrechetInceptionDistance:
-    """torchmetrics' standard FID (2048-d pool features) on the weights at ``weights``.
+def inception_fid(weights: Path) -> tuple[FrechetInceptionDistance, str]:
+    """torchmetrics' standard FID (2048-d pool features) on the weights at ``weights``, and
+    their sha256, checked (`read_verified_weights`) before anything parses the file.
 
     It takes uint8 images (``normalize=False``; see `to_uint8_rgb`) and keeps its real
     statistics across ``reset()`` so they can be restored from the cache.
     """
-    with weights_only_inception_loading() as guard:
+    data, digest = read_verified_weights(weights)
+    with weights_only_inception_loading(weights, data) as guard:
         try:
             metric = FrechetInceptionDistance(
                 feature=2048,
@@ -213,13 +261,13 @@ def inception_fid(weights: Path) -> FrechetInceptionDistance:
             detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "")
             raise ZooError(
                 f"{weights} does not hold torch-fidelity's InceptionV3 weights "
-                f"({detail[:160]}); use {INCEPTION_FILE} from {INCEPTION_URL}"
+                f"({detail[:160]}); {INCEPTION_HINT}"
             ) from None
     if guard.loaded != [Path(weights)]:  # pragma: no cover - torch-fidelity changed its loading
         raise RuntimeError(
             f"InceptionV3 weights were not read through the weights-only guard: {guard.loaded}"
         )
-    return metric
+    return metric, digest
 
 
 def file_sha256(path: Path) -> str:
@@ -344,14 +392,14 @@ def extractor_for(context: BenchContext, choice: str | None = None) -> Extractor
 
 
 def _inception_extractor(weights: Path, device: torch.device) -> Extractor:
-    metric = inception_fid(weights).to(device)
-    digest = file_sha256(weights)
-    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+    metric, digest = inception_fid(weights)
+    metric = metric.to(device)
+    if digest != INCEPTION_SHA256:  # accepted through $ZOO_FID_WEIGHTS_SHA256
         logger.warning(
-            "%s is not torch-fidelity's released InceptionV3 file (its sha256 does not start "
-            "with %s); its FID values are not comparable with published ones",
+            "%s is not torch-fidelity's released InceptionV3 file (%s accepts it); its FID "
+            "values are not comparable with published ones",
             weights,
-            INCEPTION_SHA256_PREFIX,
+            WEIGHTS_SHA256_ENV,
         )
     return Extractor(
         name="FID",

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import pickle
 import pickletools
+import re
 import zipfile
 from pathlib import Path
 
@@ -258,6 +259,19 @@ def no_hub_weights(tmp_path, monkeypatch) -> Path:
     return tmp_path / "torch-home" / "hub" / "checkpoints" / fid.INCEPTION_FILE
 
 
+@pytest.fixture
+def accept(monkeypatch):
+    """Accept a deliberately different weights file as a user would: set
+    $ZOO_FID_WEIGHTS_SHA256 to its sha256. Returns the function that does it for a path."""
+
+    def accept_file(path: Path) -> str:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        monkeypatch.setenv("ZOO_FID_WEIGHTS_SHA256", digest)
+        return digest
+
+    return accept_file
+
+
 def assert_same_weights(extractor: fid.Extractor, state: dict[str, torch.Tensor]) -> None:
     loaded = extractor.metric.inception.state_dict()
     assert loaded.keys() == state.keys()
@@ -265,9 +279,10 @@ def assert_same_weights(extractor: fid.Extractor, state: dict[str, torch.Tensor]
 
 
 def test_fid_with_weights_from_the_option_end_to_end(
-    stand_in_weights, no_hub_weights, monkeypatch, valid, tmp_path
+    stand_in_weights, no_hub_weights, accept, monkeypatch, valid, tmp_path
 ):
     weights, state = stand_in_weights
+    accept(weights)
     vae, path = tiny_model("vae", valid, tmp_path)
     # Two copies of one face, and a model that always draws another: both covariances are
     # exactly zero, so the FID must be the squared distance of two Inception feature vectors.
@@ -298,9 +313,10 @@ def test_fid_with_weights_from_the_option_end_to_end(
 
 
 def test_fid_weights_from_the_environment_and_the_hub_cache(
-    stand_in_weights, no_hub_weights, monkeypatch, valid, tmp_path
+    stand_in_weights, no_hub_weights, accept, monkeypatch, valid, tmp_path
 ):
     weights, state = stand_in_weights
+    accept(weights)
     vae, path = tiny_model("vae", valid, tmp_path)
     monkeypatch.setenv(fid.WEIGHTS_ENV, str(weights))
     assert_same_weights(fid.extractor_for(context(vae, path, valid)), state)
@@ -337,6 +353,52 @@ def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
         fid.inception_weights_path(str(tmp_path / "nowhere.pth"))
 
 
+# README "What happens when": the FID weights file is not torch-fidelity's released one
+def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
+    stand_in_weights, no_hub_weights, monkeypatch, valid, tmp_path
+):
+    weights, state = stand_in_weights
+    vae, path = tiny_model("vae", valid, tmp_path)
+    bench = context(vae, path, valid, fid_weights=str(weights))
+
+    def load(*args, **kwargs):
+        raise AssertionError("the weights file was loaded before its sha256 was checked")
+
+    with monkeypatch.context() as patch:
+        for owner, name in ((fid, "FrechetInceptionDistance"), (fid, "load_weights_only")):
+            patch.setattr(owner, name, load)
+        patch.setattr(torch, "load", load)
+        with pytest.raises(ZooError) as error:
+            fid.FrechetDistance().compute(bench)
+    message = str(error.value)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert "\n" not in message
+    assert f"refusing {weights}: its sha256 is not that of torch-fidelity's released" in message
+    assert f"set ZOO_FID_WEIGHTS_SHA256={digest}" in message and fid.INCEPTION_URL in message
+
+    # the override the line names: this file, chosen on purpose, is loaded (and said to be
+    # not comparable with published FIDs)
+    monkeypatch.setenv("ZOO_FID_WEIGHTS_SHA256", digest.upper())
+    extractor = fid.extractor_for(context(vae, path, valid, fid_weights=str(weights)))
+    assert_same_weights(extractor, state)
+    assert extractor.details == {"weights_sha256": digest}
+
+    # an override names exactly one file: any other is refused
+    other = tmp_path / "other.pth"
+    other.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(ZooError, match=f"not the {digest} that .ZOO_FID_WEIGHTS_SHA256 asks"):
+        fid.extractor_for(context(vae, path, valid, fid_weights=str(other)))
+    monkeypatch.setenv("ZOO_FID_WEIGHTS_SHA256", digest[:8])
+    with pytest.raises(ZooError, match=r"ZOO_FID_WEIGHTS_SHA256 must be the 64 hex digits"):
+        fid.extractor_for(context(vae, path, valid, fid_weights=str(weights)))
+
+
+def test_the_released_weights_sha256_is_the_one_their_name_carries():
+    # torch.hub names a download by the first 8 hex digits of its sha256
+    assert fid.INCEPTION_FILE.removesuffix(".pth").endswith(fid.INCEPTION_SHA256[:8])
+    assert re.fullmatch("[0-9a-f]{64}", fid.INCEPTION_SHA256)
+
+
 class Bomb:
     """Unpickling this creates ``marker``: what a malicious weights file would do."""
 
@@ -365,7 +427,9 @@ def pickled_callables(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("form", ["torch.save", "pickle"])
-def test_a_weights_file_that_runs_code_is_refused_unopened(form, no_hub_weights, valid, tmp_path):
+def test_a_weights_file_that_runs_code_is_refused_unopened(
+    form, no_hub_weights, accept, valid, tmp_path
+):
     marker = tmp_path / "marker"
     bomb = tmp_path / "weights.pth"
     if form == "torch.save":
@@ -373,9 +437,14 @@ def test_a_weights_file_that_runs_code_is_refused_unopened(form, no_hub_weights,
     else:
         bomb.write_bytes(pickle.dumps(Bomb(marker)))
     vae, path = tiny_model("vae", valid, tmp_path)
+    bench = context(vae, path, valid, fid_weights=str(bomb), n=3)
 
+    # refused by its sha256; and even when a user accepts that sha256, never unpickled
+    with pytest.raises(ZooError, match=r"refusing .*weights\.pth: its sha256 is not"):
+        fid.FrechetDistance().compute(bench)
+    accept(bomb)
     with pytest.raises(ZooError, match=r"refusing .*weights\.pth.*weights_only=True") as error:
-        fid.FrechetDistance().compute(context(vae, path, valid, fid_weights=str(bomb), n=3))
+        fid.FrechetDistance().compute(bench)
     assert "\n" not in str(error.value)
     assert not marker.exists()
 
@@ -384,9 +453,10 @@ def test_a_weights_file_that_runs_code_is_refused_unopened(form, no_hub_weights,
     assert opener in pickled_callables(bomb)
 
 
-def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, valid, tmp_path):
+def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, accept, valid, tmp_path):
     weights = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, weights)
+    accept(weights)
     vae, path = tiny_model("vae", valid, tmp_path)
     with pytest.raises(
         ZooError, match="does not hold torch-fidelity's InceptionV3 weights"
@@ -395,5 +465,6 @@ def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, valid, 
     assert "\n" not in str(error.value)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(weights.read_bytes()[:300])
+    accept(truncated)
     with pytest.raises(ZooError, match="not a readable PyTorch weights file"):
         fid.inception_fid(truncated)
