@@ -101,6 +101,23 @@ TRAIN_HINT = "train one with `zoo train-classifier --data DIR`"
 # -- the model -----------------------------------------------------------------------------------
 
 
+def check_backbone(backbone: str, subject: str, fix: str) -> None:
+    """Refuse a backbone name that timm does not define itself, before timm builds anything.
+
+    ``timm.create_model`` fetches a config from the Hugging Face hub for an ``hf-hub:`` name even
+    with ``pretrained=False``, and reads a folder for a ``local-dir:`` one; ``timm/...`` names
+    and pretrained tags (``resnet18.a1_in1k``) stand for hub weights. A file must never cause a
+    download or a read elsewhere, so only names `timm.list_models` lists (untagged
+    architectures) reach timm.
+    """
+    if backbone not in timm.list_models():
+        raise ZooError(
+            f"{subject} {backbone!r} is not one of timm's own architectures "
+            "(timm.list_models()); zoo never lets timm download or read other files, so hub "
+            f"names (hf-hub:..., timm/...) and pretrained tags (name.tag) are refused; {fix}"
+        )
+
+
 def _first_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
     """The parent module, attribute name and module of a timm model's first convolution."""
     name = net.pretrained_cfg.get("first_conv") if hasattr(net, "pretrained_cfg") else None
@@ -151,6 +168,7 @@ class AttributeClassifier(nn.Module):
                 f"cannot build a classifier for {channels}-channel {image_size}px images; "
                 "need image_size >= 8 and 1 or 3 channels"
             )
+        check_backbone(backbone, "timm backbone", "use a timm CNN name such as resnet18")
         try:
             net = timm.create_model(
                 backbone, pretrained=False, num_classes=len(attr_names), in_chans=channels
@@ -310,7 +328,7 @@ def _info_from_header(path: Path, metadata: dict[str, str]) -> ClassifierInfo:
             ) from None
 
     try:
-        return ClassifierInfo(
+        info = ClassifierInfo(
             path=path,
             backbone=str(metadata["zoo.backbone"]),
             attr_names=[str(name) for name in value("zoo.attributes")],
@@ -325,6 +343,8 @@ def _info_from_header(path: Path, metadata: dict[str, str]) -> ClassifierInfo:
         raise ZooError(
             f"{path} has malformed classifier metadata; the file is damaged, {TRAIN_HINT}"
         ) from None
+    check_backbone(info.backbone, f"{path} names timm backbone", TRAIN_HINT)
+    return info
 
 
 def read_classifier_info(path: str | Path) -> ClassifierInfo:

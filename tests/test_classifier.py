@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -161,14 +163,19 @@ def _garbage(path: Path) -> None:
     path.write_bytes(b"\x00\xffthis is not a safetensors file" * 10)
 
 
-def _damaged_metadata(path: Path) -> None:
-    save_classifier(path, _classifier())
+def _rewrite_metadata(path: Path, key: str, value: str) -> None:
+    """Craft a file: set one metadata entry of a safetensors header, tensors untouched."""
     header_size = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + header_size])
-    header["__metadata__"]["zoo.attributes"] = "[not json"
+    header["__metadata__"][key] = value
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     path.write_bytes(len(text).to_bytes(8, "little") + text + path.read_bytes()[8 + header_size :])
+
+
+def _damaged_metadata(path: Path) -> None:
+    save_classifier(path, _classifier())
+    _rewrite_metadata(path, "zoo.attributes", "[not json")
 
 
 @pytest.mark.parametrize(
@@ -193,6 +200,39 @@ def test_files_that_are_not_classifiers_are_one_line_zoo_errors(
         text = str(caught.value)
         assert "\n" not in text and str(path) in text
         assert "zoo train-classifier" in text
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "hf-hub:timm/test_resnet.r160_in1k",  # timm fetches the config (and weights) from the hub
+        "timm/test_resnet.r160_in1k",  # the hub form without its prefix
+        "test_resnet.r160_in1k",  # a pretrained tag: a hub download when pretrained
+        "local-dir:/tmp/model",  # timm reads a config from that folder
+        "no_such_net",
+    ],
+)
+def test_a_file_naming_a_backbone_timm_would_fetch_is_refused_before_timm_builds_it(
+    tmp_path: Path, monkeypatch, backbone: str
+) -> None:
+    path = tmp_path / "run" / CLASSIFIER_FILE
+    save_classifier(path, _classifier(), data={"fingerprint": "abc"})
+    _rewrite_metadata(path, "zoo.backbone", backbone)
+
+    def create_model(*args, **kwargs):
+        raise AssertionError(f"timm.create_model was called with {args} {kwargs}")
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    for read in (load_classifier, read_classifier_info):
+        with pytest.raises(ZooError, match="not one of timm's own architectures") as caught:
+            read(path)
+        text = str(caught.value)
+        assert "\n" not in text and str(path) in text and repr(backbone) in text
+        assert "zoo train-classifier" in text
+    assert find_classifier("abc", 16, tmp_path) is None  # skipped like any unreadable file
+    # the same name as --backbone of zoo train-classifier
+    with pytest.raises(ZooError, match=f"timm backbone {re.escape(repr(backbone))} is not one"):
+        AttributeClassifier(backbone, ["Smiling"], 16)
 
 
 # -- evaluation arithmetic -----------------------------------------------------------------------
