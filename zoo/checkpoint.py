@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,40 @@ class CheckpointInfo:
     source: str = "zoo"
 
 
+TEMPORARY_NAME = re.compile(r"\..+\.tmp-\d+")
+
+
+def temporary_path(path: Path) -> Path:
+    """Where a write goes before its rename: ``.NAME.tmp-PID`` beside the file."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``.NAME.tmp-PID`` files that killed writes left in ``folder`` (nothing else)."""
+    stale = [p for p in folder.iterdir() if p.is_file() and TEMPORARY_NAME.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file so that readers only ever see the old or the new content."""
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file so that readers only ever see the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_path(path)
     try:
         save_file(
             {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
