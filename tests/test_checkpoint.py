@@ -59,15 +59,19 @@ def test_missing_file(tmp_path):
 
 
 def test_pickle_renamed_is_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "PWNED"  # absolute: where unpickling would write, whatever the cwd
+
     class Boom:
         def __reduce__(self):
-            return (exec, ("open('PWNED', 'w').write('x')",))
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
 
     path = tmp_path / "evil.safetensors"
     path.write_bytes(pickle.dumps(Boom()))
+    # the control, read without unpickling: the payload calls exec on code naming the marker
+    assert b"exec" in path.read_bytes() and repr(str(marker)).encode() in path.read_bytes()
     with pytest.raises(ZooError, match="not a readable safetensors file"):
         zoo.load(path)
-    assert not (tmp_path / "PWNED").exists()
+    assert not marker.exists()
 
 
 def test_safetensors_without_zoo_metadata(tmp_path):
