@@ -629,6 +629,12 @@ def bench(
     # piped output has no width: do not squeeze a leaderboard into 80 columns
     (console if console.is_terminal else Console(highlight=False, width=160)).print(table)
     for result in report.results:
+        if result.data_note:
+            err_console.print(
+                f"[yellow]warning:[/] {result.info.model_name} ({result.checkpoint}) was "
+                f"{result.data_note}",
+                soft_wrap=True,
+            )
         for name, message in result.errors.items():
             err_console.print(
                 f"[red]not computed:[/] {result.info.model_name} {name}: {message}", soft_wrap=True

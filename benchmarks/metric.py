@@ -5,7 +5,8 @@ through the ``zoo.metrics`` entry-point group). It receives a `BenchContext`
 (one model, its checkpoint, the benchmark split, the settings) and returns a
 JSON-serialisable dict of numbers with the settings that produced them. A
 metric that cannot be computed raises `ZooError` with the reason; the runner
-records it, goes on with the other metrics and exits non-zero at the end.
+records it (any other exception too, with its type), goes on with the other
+metrics and exits non-zero at the end.
 """
 
 from __future__ import annotations
@@ -72,6 +73,17 @@ class BenchContext:
         """How many images of the split the metrics use (``--n``, capped at the split size)."""
         return len(self.data) if self.settings.n is None else min(self.settings.n, len(self.data))
 
+    def data_record(self, n: int | None = None) -> dict[str, Any]:
+        """Which images a metric measured: the data's folder, fingerprint and split, and how
+        many of its images (default: `count`), as results.json records it per metric."""
+        return {
+            "name": self.data.name,
+            "path": self.data.root,
+            "fingerprint": self.data.fingerprint,
+            "split": self.data.split,
+            "n": self.count if n is None else n,
+        }
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """(index, images on the device, model-order labels on the device or None) batches."""
         labels = self.labels
@@ -129,6 +141,11 @@ class Metric:
     def headline(self, result: dict[str, Any]) -> dict[str, str]:
         """The few numbers that go into the leaderboard table, formatted, keyed by column."""
         raise NotImplementedError
+
+    def data_used(self, context: BenchContext) -> dict[str, Any]:
+        """The images this metric measures (`BenchContext.data_record`); metrics that use
+        another number of them override it."""
+        return context.data_record()
 
 
 def _metric_base() -> type:

@@ -41,11 +41,18 @@ def markdown(report: BenchReport) -> str:
         for result in report.results
         for name, message in result.errors.items()
     ]
+    data_notes = [
+        f"- {result.info.model_name} ({result.checkpoint}): {result.data_note}"
+        for result in report.results
+        if result.data_note
+    ]
     figures = [
         f"- {result.info.model_name} ({result.checkpoint.parent.name}): ![]({Path(figure).name})"
         for result in report.results
         for figure in result.figure_paths
     ]
+    if data_notes:
+        lines += ["", "## Not the training data", "", *data_notes]
     if figures:
         lines += ["", "## Pictures", "", *figures]
     if errors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import platform
 import time
@@ -16,10 +17,12 @@ import torch
 import zoo
 from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
 from zoo.checkpoint import CheckpointInfo, read_info
+from zoo.data import ImageData
 from zoo.device import pick_device
 from zoo.errors import ZooError
 from zoo.figures import Figure
 from zoo.latent import load_split
+from zoo.registry import failure_text
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class ModelResult:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     headline: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    data_used: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric
+    data_note: str | None = None  # set when the data measured on is not the training data
     figures: list[tuple[str, Figure]] = field(default_factory=list)
     figure_paths: list[str] = field(default_factory=list)  # filled when the report is written
 
@@ -66,6 +71,8 @@ class ModelResult:
             "training": self.info.training,
             "metrics": self.metrics,
             "errors": self.errors,
+            "data_used": self.data_used,
+            "data_note": self.data_note,
             "figures": self.figure_paths,
         }
 
@@ -100,8 +107,17 @@ class BenchReport:
 def run_bench(
     checkpoints: list[Path], metric_names: list[str], settings: BenchSettings
 ) -> BenchReport:
-    """Every metric on every checkpoint; a metric that cannot be computed is recorded, not fatal."""
-    metrics: dict[str, Metric] = {name: METRICS.get(name)() for name in metric_names}
+    """Every metric on every checkpoint; a metric that fails, for whatever reason, is recorded
+    with the reason and the others still run (the CLI then exits 1)."""
+    metrics: dict[str, Metric] = {}
+    unusable: dict[str, str] = {}  # metrics whose constructor raised
+    for name in metric_names:
+        try:
+            metrics[name] = METRICS.get(name)()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a plugin may raise anything
+            unusable[name] = failure_text(error)
     device = pick_device(settings.device)
     tools: dict[str, Any] = {}
     results = []
@@ -109,11 +125,13 @@ def run_bench(
         model = zoo.load(checkpoint, device=device)
         result = ModelResult(Path(checkpoint), model.checkpoint_info)
         results.append(result)
+        result.errors.update(unusable)
         try:
             data = _split(tools, result.info, settings)
         except ZooError as error:
-            result.errors = dict.fromkeys(metrics, str(error))
+            result.errors = dict.fromkeys(metric_names, str(error))
             continue
+        result.data_note = data_difference(result.info, data, settings.data)
         context = BenchContext(
             model, Path(checkpoint), result.info, data, settings, device, tools, result.figures
         )
@@ -122,18 +140,52 @@ def run_bench(
             log.info(
                 "%s: %s on %d %s images", result.info.model_name, name, context.count, data.split
             )
+            result.data_used[name] = metric.data_used(context)
             try:
-                result.metrics[name] = metric.compute(context)
+                result.metrics[name] = _checked(metric.compute(context))
                 result.headline.update(metric.headline(result.metrics[name]))
-            except ZooError as error:
-                result.errors[name] = str(error)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # a metric, built-in or plugin, may raise anything
+                result.metrics.pop(name, None)
+                result.errors[name] = failure_text(error)
             log.info(
                 "%s: %s took %.1f s", result.info.model_name, name, time.perf_counter() - started
             )
-    return BenchReport(settings, str(device), list(metrics), results)
+    return BenchReport(settings, str(device), metric_names, results)
 
 
-def _split(tools: dict[str, Any], info: CheckpointInfo, settings: BenchSettings):
+def _checked(result: Any) -> dict[str, Any]:
+    """A metric's result as the report can store it: a dict that JSON can write."""
+    if not isinstance(result, dict):
+        raise TypeError(f"compute returned a {type(result).__name__}, not a dict")
+    json.dumps(result)  # TypeError here, not later when the whole report is written
+    return result
+
+
+def data_difference(info: CheckpointInfo, data: ImageData, override: str | None) -> str | None:
+    """Why the benchmark data is not the data the checkpoint records, or None if it is.
+
+    A moved or deleted data folder makes `load_split` fall back to ``$ZOO_DATA``, ./data/celeba
+    or the synthetic faces; the numbers are then about other images, which the user must know.
+    """
+    recorded_root, recorded_fingerprint = info.data.get("root"), info.data.get("fingerprint")
+    if recorded_root == data.root and recorded_fingerprint == data.fingerprint:
+        return None
+    trained = f"trained on {recorded_root} (fingerprint {str(recorded_fingerprint)[:12]})"
+    if recorded_fingerprint == data.fingerprint:
+        return f"{trained}, measured on the same data found at {data.root}"
+    if override:
+        reason = f"--data {override} was given"
+    elif recorded_root == data.root:
+        reason = "the folder's content changed since training"
+    else:
+        reason = "that folder is gone, so the default data was used; pass --data to choose"
+    measured = f"{data.name} at {data.root} (fingerprint {data.fingerprint[:12]})"
+    return f"{trained}, measured on {measured}: {reason}"
+
+
+def _split(tools: dict[str, Any], info: CheckpointInfo, settings: BenchSettings) -> ImageData:
     """The benchmark split for a checkpoint, loaded once per (data, split, size)."""
     key = f"split:{settings.data or info.data.get('root')}:{settings.split}:{info.preprocess}"
     if key not in tools:

@@ -106,6 +106,10 @@ class Throughput(Metric):
             "not_measured": self.not_measured,
         }
 
+    def data_used(self, context: BenchContext) -> dict[str, Any]:
+        """The first ``--throughput-batch-size`` images of the split (repeated if it is smaller)."""
+        return context.data_record(min(context.settings.throughput_batch_size, len(context.data)))
+
     def _feature_extractors(
         self, context: BenchContext, images: torch.Tensor
     ) -> dict[str, Callable[[], Any]]:

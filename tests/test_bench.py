@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +15,11 @@ from typer.testing import CliRunner
 import zoo
 from benchmarks.classifier import ClassifierSettings, train_classifier
 from benchmarks.edits import EditAccuracy
+from benchmarks.fid import hub_weights_path
 from benchmarks.metric import METRICS, BenchContext, BenchSettings
 from benchmarks.recon import Reconstruction
 from benchmarks.runner import latest_runs, run_bench
+from benchmarks.throughput import Throughput
 from cli import app
 from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData, Preprocess
@@ -65,6 +69,25 @@ class Copycat(GenerativeModel):
 
     def decode_logits(self, z, y=None):
         return torch.logit(z.view(-1, 3, 8, 8).clamp(1e-6, 1 - 1e-6).double()).float()
+
+
+class Grey(GenerativeModel):
+    """An unconditional toy that returns mid-grey (sigmoid(0) = 0.5) whatever it is given;
+    `delay` seconds of sleep in every decode make it as slow as we like."""
+
+    registry_name = "grey"
+
+    def __init__(self, config: ModelConfig, delay: float = 0.0) -> None:
+        super().__init__(config)
+        self.delay = delay
+        self.level = torch.nn.Parameter(torch.zeros(1))  # stays 0: the grey is exactly 0.5
+
+    def encode(self, x, y=None):
+        return Posterior(torch.zeros(x.shape[0], 2), torch.zeros(x.shape[0], 2))
+
+    def decode_logits(self, z, y=None):
+        time.sleep(self.delay)
+        return (self.level * 0).expand(z.shape[0], 3, 8, 8)
 
 
 class ColourClassifier:
@@ -187,6 +210,56 @@ def test_reconstruction_of_a_perfect_model():
     assert worse["ssim"] == pytest.approx(result["ssim"])  # same images in, same out
 
 
+def flat_colour_data(n: int = 20) -> ImageData:
+    """Images of one random level per channel: their SSIM against any flat image has a closed
+    form, because every local variance and covariance is zero."""
+    data = painted_data(n)
+    levels = torch.randint(0, 256, (n, 3, 1, 1), generator=torch.Generator().manual_seed(1))
+    data.images = levels.to(torch.uint8).expand(-1, -1, 8, 8).contiguous()
+    return data
+
+
+def test_reconstruction_of_a_constant_grey_model_scores_what_the_formulas_say():
+    """Negative control: a model that ignores its input scores exactly PSNR 10 log10(1 / MSE)
+    and SSIM (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1) of each image against grey."""
+    data = flat_colour_data()
+    result = Reconstruction().compute(toy_context(Grey(ModelConfig(image_size=8)), data))
+    levels = data.images[:, :, 0, 0].double() / 255  # N x 3, the flat value of each channel
+    mse = (levels - 0.5).pow(2).mean(dim=1)
+    c1 = 0.01**2
+    ssim = ((2 * levels * 0.5 + c1) / (levels.pow(2) + 0.25 + c1)).mean(dim=1)
+    assert result["n"] == 20
+    assert result["mse"] == pytest.approx(mse.mean().item(), rel=1e-5)
+    assert result["psnr"] == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-5)
+    assert result["ssim"] == pytest.approx(ssim.mean().item(), rel=1e-3)
+    assert result["ssim"] < 0.9 and math.isfinite(result["psnr"])
+
+
+def test_throughput_drops_with_a_deliberately_slow_decoder(no_fid_weights):
+    """Every decode of the slow model sleeps `delay`: decode, generate and a training step
+    (one decode each) cannot beat batch / delay images/s, and encode is untouched."""
+    batch, delay = 8, 0.05
+    rates = {}
+    for slowness in (0.0, delay):
+        context = toy_context(
+            Grey(ModelConfig(image_size=8), delay=slowness),
+            flat_colour_data(),
+            throughput_batch_size=batch,
+            throughput_repeats=3,
+        )
+        context.classifier = no_classifier
+        rates[slowness] = Throughput().compute(context)["images_per_s"]
+    slow, fast = rates[delay], rates[0.0]
+    for operation in ("decode", "generate", "train_step"):
+        assert batch / (2 * delay) < slow[operation] <= batch / delay, operation
+        assert fast[operation] > 5 * slow[operation], operation
+    assert slow["encode"] > 5 * batch / delay
+
+
+def no_classifier():
+    raise ZooError("no attribute classifier in this test")
+
+
 def test_builtin_metrics_are_registered():
     assert set(METRICS.names()) >= {"fid", "recon", "edit", "throughput"}
     with pytest.raises(ZooError, match="unknown metric 'fdi'.*'fid'"):
@@ -194,6 +267,15 @@ def test_builtin_metrics_are_registered():
 
 
 # -- on real (tiny) trained models ---------------------------------------------------------------
+
+
+@pytest.fixture
+def no_fid_weights(monkeypatch, tmp_path):
+    """This machine as a fresh one: no $ZOO_FID_WEIGHTS and an empty torch hub cache, so FID in
+    Inception features must say its weights are missing, whatever the developer has installed."""
+    monkeypatch.delenv("ZOO_FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-torch-hub"))
+    assert not hub_weights_path().exists()
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +318,7 @@ def test_latest_runs_finds_one_checkpoint_per_model(runs):
     assert [zoo.read_info(path).model_name for path in found] == ["cvae", "vae"]
 
 
-def test_report_schema(runs):
+def test_report_schema(runs, no_fid_weights):
     settings = BenchSettings(
         n=8,
         batch_size=4,
@@ -270,7 +352,8 @@ def test_report_schema(runs):
     assert (Path(vae["checkpoint"]).parent / "concepts" / "Smiling.safetensors").is_file()
 
 
-def test_zoo_bench_end_to_end(runs, tmp_path):
+# README "What happens when ...": the FID Inception weights are not on disk
+def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
     out = tmp_path / "results.json"
     args = [
         "bench",
@@ -311,6 +394,77 @@ def test_zoo_bench_end_to_end(runs, tmp_path):
     assert (
         "recon" in document["results"][0]["metrics"] and "fid" in document["results"][0]["errors"]
     )
+
+
+# README "What happens when ...": a metric raises anything (a bug, in zoo or a plugin)
+def test_a_metric_that_raises_is_recorded_and_the_others_still_run(runs, monkeypatch):
+    def buggy(self, context):
+        return {"ratio": 1 / 0}
+
+    monkeypatch.setattr(Reconstruction, "compute", buggy)
+    monkeypatch.setattr(Throughput, "compute", lambda self, context: {"not json": object()})
+    settings = BenchSettings(
+        n=4, batch_size=4, runs_dir=str(runs), fid_features="classifier", progress=False
+    )
+    report = run_bench(latest_runs(runs), ["recon", "throughput", "fid"], settings)
+    assert report.failed
+    for result in report.results:
+        assert result.errors["recon"] == "ZeroDivisionError: division by zero"
+        assert result.errors["throughput"].startswith("TypeError: Object of type object")
+        assert "recon" not in result.metrics and "throughput" not in result.metrics
+        assert result.metrics["fid"]["n_real"] == 4  # FD-attr with the runs' classifier
+    json.dumps(report.to_dict())
+
+
+def _moved(checkpoint: Path, out: Path, root: Path) -> Path:
+    """A copy of `checkpoint` that says it was trained on data at `root`."""
+    model = zoo.load(checkpoint)
+    info = model.checkpoint_info
+    zoo.save_checkpoint(
+        out,
+        model,
+        attr_names=info.attr_names,
+        attr_rates=info.attr_rates,
+        preprocess=info.preprocess,
+        data={**info.data, "root": str(root)},
+        training=info.training,
+        source=info.source,
+    )
+    return out
+
+
+# README "What happens when ...": a checkpoint's data folder has moved or is gone
+def test_bench_says_when_it_measures_other_data_than_the_checkpoints(
+    runs, tmp_path, make_celeba, monkeypatch
+):
+    [_, vae] = latest_runs(runs)
+    recorded = zoo.read_info(vae).data
+    args = ["bench", "--metric", "recon", "--metric", "throughput", "--n", "4"]
+    args += ["--throughput-batch-size", "2", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "results.json"
+    same = CliRunner().invoke(app, [*args, str(vae), "--out", str(out)])
+    assert same.exit_code == 0, same.output
+    [result] = json.loads(out.read_text())["results"]
+    assert result["data_note"] is None and "warning" not in same.output
+    used = {"path": recorded["root"], "fingerprint": recorded["fingerprint"], "split": "valid"}
+    assert result["data_used"]["recon"] == {**used, "name": recorded["name"], "n": 4}
+    assert result["data_used"]["throughput"]["n"] == 2
+
+    # the training data's folder is gone: the default data ($ZOO_DATA here) is used, and said
+    elsewhere = make_celeba("elsewhere")
+    monkeypatch.setenv("ZOO_DATA", str(elsewhere))
+    moved = _moved(vae, tmp_path / "moved" / "model.safetensors", tmp_path / "gone")
+    result_moved = CliRunner().invoke(app, [*args, str(moved), "--out", str(out)])
+    assert result_moved.exit_code == 0, result_moved.output
+    [result] = json.loads(out.read_text())["results"]
+    recon_data = result["data_used"]["recon"]
+    assert recon_data["path"] == str(elsewhere) and recon_data["split"] == "valid"
+    assert recon_data["n"] == 1 and recon_data["fingerprint"] != recorded["fingerprint"]
+    assert str(tmp_path / "gone") in result["data_note"] and "folder is gone" in result["data_note"]
+    warning = " ".join(result_moved.output.split())  # rich may wrap the line
+    assert f"vae ({moved}) was trained on {tmp_path / 'gone'}" in warning
+    assert f"measured on celeba at {elsewhere}" in warning
+    assert "Not the training data" in out.with_suffix(".md").read_text()
 
 
 def test_bench_without_runs_or_classifier_says_what_to_do(runs, tmp_path):

@@ -162,6 +162,88 @@ def test_the_plugins_own_tests_pass(installed):
     assert " passed" in done.stdout
 
 
+def install_distribution(
+    site: Path, name: str, modules: dict[str, str], entry_points: dict[str, dict[str, str]]
+) -> dict[str, str]:
+    """A distribution as pip leaves it (modules and a ``*.dist-info`` with METADATA and
+    entry_points.txt) in `site`, without running pip; the environment that sees it."""
+    site.mkdir(parents=True, exist_ok=True)
+    for module, body in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(body))
+    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "".join(
+            f"[{group}]\n" + "".join(f"{key} = {value}\n" for key, value in points.items())
+            for group, points in entry_points.items()
+        )
+    )
+    path = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(synthetic_faces, tmp_path_factory) -> Path:
+    """A one-step VAE at 16 px on the synthetic faces."""
+    from zoo.train import Trainer, TrainSettings
+
+    folder = tmp_path_factory.mktemp("tiny-vae")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZOO_CACHE_DIR", str(folder / "cache"))
+        result = Trainer(
+            TrainSettings(
+                model="vae",
+                model_config={"base_channels": 4, "max_channels": 8, "latent_dim": 4},
+                data=synthetic_faces,
+                image_size=16,
+                max_steps=1,
+                batch_size=16,
+                out=str(folder / "runs"),
+                device="cpu",
+            ),
+            progress=False,
+        ).run()
+    return result.run_dir / "model.safetensors"
+
+
+BUGGY_METRIC = """
+    from benchmarks.metric import Metric
+
+
+    class Buggy(Metric):
+        '''A third-party metric with a bug.'''
+
+        title = "Buggy"
+
+        def compute(self, context):
+            return {"value": 1 / 0}
+
+        def headline(self, result):
+            return {"buggy": str(result["value"])}
+"""
+
+
+# README "What happens when ...": a metric raises anything (a bug, in zoo or a plugin)
+def test_a_metric_plugin_that_raises_is_recorded_and_the_others_still_run(tiny_vae, tmp_path):
+    env = install_distribution(
+        tmp_path / "site",
+        "buggy-metric",
+        {"buggy_metric": BUGGY_METRIC},
+        {"zoo.metrics": {"buggy": "buggy_metric:Buggy"}},
+    )
+    env["ZOO_CACHE_DIR"] = str(tmp_path / "cache")
+    out = tmp_path / "results.json"
+    args = ["bench", tiny_vae, "--metric", "buggy", "--metric", "recon", "--n", 4]
+    done = zoo_command(env, *args, "--no-progress", "--device", "cpu", "--out", out, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert "not computed: vae buggy: ZeroDivisionError: division by zero" in done.stderr
+    [result] = json.loads(out.read_text())["results"]
+    assert result["errors"] == {"buggy": "ZeroDivisionError: division by zero"}
+    assert result["metrics"]["recon"]["n"] == 4 and "buggy" not in result["metrics"]
+
+
 # -- broken plugins ------------------------------------------------------------------------------
 
 BROKEN = {

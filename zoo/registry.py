@@ -105,9 +105,8 @@ class PluginRegistry(Generic[T]):
             except KeyboardInterrupt:
                 raise
             except BaseException as error:  # a plugin may raise anything, SystemExit included
-                message = str(error).splitlines()[0] if str(error) else ""
                 self.broken[entry_point.name] = BrokenPlugin(
-                    entry_point.name, source, f"{type(error).__name__}: {message}".rstrip(": ")
+                    entry_point.name, source, failure_text(error)
                 )
 
     def names(self, pattern: str = "*") -> list[str]:
@@ -138,6 +137,15 @@ class PluginRegistry(Generic[T]):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         plural = "metrics" if self.kind == "metric" else f"{self.kind}s"
         raise ZooError(f"unknown {self.kind} {name!r}.{hint} Known {plural}: {', '.join(known)}")
+
+
+def failure_text(error: BaseException) -> str:
+    """One line for what a plugin (or any code zoo did not write) raised: a ZooError's own
+    message, anything else as ``Type: first line`` so the reader knows what broke."""
+    if isinstance(error, ZooError):
+        return str(error)
+    message = str(error).splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}".rstrip(": ")
 
 
 def _qualname(obj: Any) -> str:
