@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,6 +248,97 @@ def test_a_damaged_cache_is_rebuilt(make_celeba):
         images.truncate(100)
     again = load_data(root, "all", 16, progress=False)
     assert torch.equal(again.images, expected)
+
+
+# One process preparing the cache (and reporting what it read) for the concurrency test below:
+# it waits for the go file so two of them start together, after their slow imports.
+CONCURRENT_LOAD = """
+import hashlib, logging, sys, time
+from pathlib import Path
+from zoo.data import load_data
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+root, ready, go = sys.argv[1:]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.001)
+data = load_data(root, "all", 16, progress=False)
+identity = "\\n".join(data.filenames).encode() + data.attrs.numpy().tobytes()
+print(hashlib.sha256(data.images.numpy().tobytes() + identity).hexdigest())
+"""
+
+
+def _wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        assert time.monotonic() < deadline, "the processes never got ready"
+        assert all(process.poll() is None for process in processes), "a process ended early"
+        time.sleep(0.01)
+
+
+# README "What happens when": two commands prepare the same cache at once
+def test_two_processes_preparing_one_cache_at_once_both_read_it(make_celeba, tmp_path):
+    root = make_celeba()
+    for index, image in enumerate(sorted((root / "img_align_celeba").iterdir())):
+        # large images, so that a build takes long enough for both processes to start one
+        write_image(image, torch.full((3, 1800, 1500), 40 * index, dtype=torch.uint8))
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_LOAD, str(root), str(flag), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flag in ready
+    ]
+    try:
+        _wait_for(ready, processes, timeout=120)
+        go.touch()
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr
+    digests = {stdout.strip() for stdout, _ in outputs}
+    here = load_data(str(root), "all", 16, progress=False)
+    identity = "\n".join(here.filenames).encode() + here.attrs.numpy().tobytes()
+    assert digests == {hashlib.sha256(here.images.numpy().tobytes() + identity).hexdigest()}
+    builds = [stderr.count("prepared 6 images") for _, stderr in outputs]
+    assert sorted(builds) == [0, 1]  # one decoded the images, the other waited and reused them
+    only = cache.prepare(root, here.preprocess, progress=False)
+    assert list((cache.cache_dir() / "prepared").iterdir()) == [only]  # no temp dir left
+
+
+def test_a_build_finishing_second_keeps_the_cache_already_in_use(make_celeba):
+    root = make_celeba()
+    data = load_data(str(root), "all", 16, progress=False)
+    expected = data.images.clone()  # a copy: the mapped file is damaged below
+    (target,) = (cache.cache_dir() / "prepared").iterdir()
+    in_use = (target / cache.IMAGES_FILE).stat().st_ino
+    late = target.with_name(".late-build")  # an identical build that finishes second
+    shutil.copytree(target, late)
+    index = json.loads((late / cache.INDEX_FILE).read_text())
+    assert cache._publish(late, target, index, data.preprocess) == index
+    assert (target / cache.IMAGES_FILE).stat().st_ino == in_use  # not deleted under a reader
+    shutil.rmtree(late)  # as _build does with its dropped build
+    shutil.copytree(target, late)
+    (target / cache.IMAGES_FILE).write_bytes(b"damaged")  # an unusable cache is replaced
+    assert cache._publish(late, target, index, data.preprocess) == index
+    assert (target / cache.IMAGES_FILE).read_bytes() == expected.numpy().tobytes()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # nothing left aside
+
+
+def test_the_temp_dir_of_a_killed_build_is_removed_by_the_next_build(make_celeba):
+    root = make_celeba()
+    load_data(str(root), "all", 16, progress=False)
+    (target,) = (cache.cache_dir() / "prepared").iterdir()
+    shutil.rmtree(target)
+    killed = target.with_name(f".{target.name}.k1ll3d")  # as tempfile.mkdtemp names it
+    killed.mkdir()
+    (killed / cache.IMAGES_FILE).write_bytes(bytes(1000))
+    load_data(str(root), "all", 16, progress=False)
+    assert list((cache.cache_dir() / "prepared").iterdir()) == [target]
 
 
 def test_batch_gives_floats_and_reproducible_flips():

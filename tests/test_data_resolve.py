@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cli import app
 from zoo.data import cache_dir, load_data, resolve_source, synth
 from zoo.errors import ZooError
 
@@ -121,3 +123,17 @@ def test_cache_dir_order(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == Path(tmp_path / "home" / ".cache" / "zoo")
+
+
+@pytest.mark.parametrize("below", ["", "sub/folder"])
+def test_a_cache_dir_that_is_a_file_is_one_line(make_celeba, tmp_path, monkeypatch, below):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(blocker / below))
+    with pytest.raises(ZooError) as error:
+        load_data(str(make_celeba()), "all", 16, progress=False)
+    message = str(error.value)
+    assert f"{blocker} is a file, not a folder; set ZOO_CACHE_DIR to a folder" in message
+    result = CliRunner().invoke(app, ["data", "prepare", "--data", str(make_celeba("other"))])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "is a file, not a folder" in result.output

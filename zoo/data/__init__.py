@@ -237,7 +237,8 @@ def _synthetic_fallback(default: Path, missing: list[str], *, progress: bool) ->
         raise ZooError(f"ZOO_SYNTHETIC_N={count_text!r} must be a whole number >= 10")
     count = int(count_text)
     folder = cache_dir() / f"synthetic-faces-v{synth.VERSION}-n{count}-s{SYNTHETIC_SIZE}-seed0"
-    synth.write_synthetic(folder, count, SYNTHETIC_SIZE, 0, progress=progress)
+    with cache.build_lock(folder.name):  # commands started at once draw the faces once
+        synth.write_synthetic(folder, count, SYNTHETIC_SIZE, 0, progress=progress)
     if folder not in _announced_fallbacks:
         _announced_fallbacks.add(folder)
         reason = "does not exist" if not default.exists() else f"has no {missing[0]}"

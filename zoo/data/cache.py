@@ -3,7 +3,9 @@
 Training and benchmarks index this tensor directly, so an epoch decodes no JPEG. A cache
 directory is keyed by the source fingerprint (image names, sizes and mtimes, label file bytes;
 see `celeba.fingerprint`), image size and crop; it is built in a temp dir and renamed into
-place, so a crash or a concurrent build never leaves a half-written cache that looks complete.
+place, so a crash never leaves a half-written cache that looks complete. Processes that want
+the same cache at once take turns on a file lock: one builds, the others wait and reuse it,
+and a complete cache is never removed, since another process may be reading it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +46,11 @@ from zoo.errors import ZooError
 if TYPE_CHECKING:
     from zoo.data import Preprocess
 
+try:
+    import fcntl
+except ImportError:  # Windows: builds stay safe without the lock, but may be done twice
+    fcntl = None
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -51,6 +58,7 @@ DECODE_BATCH = 256
 IMAGES_FILE = "images.u8"
 LABELS_FILE = "labels.safetensors"
 INDEX_FILE = "index.json"
+LOCK_DIR = "locks"
 
 
 @dataclass
@@ -67,12 +75,22 @@ class Prepared:
 
 
 def cache_dir() -> Path:
-    """$ZOO_CACHE_DIR, else $XDG_CACHE_HOME/zoo, else ~/.cache/zoo."""
+    """$ZOO_CACHE_DIR, else $XDG_CACHE_HOME/zoo, else ~/.cache/zoo; a ZooError if a file
+    stands where that folder (or one of its parents) has to be."""
     if os.environ.get("ZOO_CACHE_DIR"):
-        return Path(os.environ["ZOO_CACHE_DIR"]).expanduser().resolve()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser().resolve() / "zoo"
-    return Path.home() / ".cache" / "zoo"
+        folder, origin = Path(os.environ["ZOO_CACHE_DIR"]).expanduser().resolve(), "ZOO_CACHE_DIR"
+    elif os.environ.get("XDG_CACHE_HOME"):
+        folder = Path(os.environ["XDG_CACHE_HOME"]).expanduser().resolve() / "zoo"
+        origin = "XDG_CACHE_HOME"
+    else:
+        folder, origin = Path.home() / ".cache" / "zoo", "the home folder"
+    blocker = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ZooError(
+            f"the cache folder {folder} (from {origin}) cannot be used: {blocker} is a file, not "
+            "a folder; set ZOO_CACHE_DIR to a folder"
+        )
+    return folder
 
 
 def prepare(
@@ -95,18 +113,22 @@ def prepare(
     )
     index = _complete_index(target, source_fingerprint, preprocess)
     if index is None:
-        index = _build(
-            root,
-            name,
-            image_stats,
-            source_fingerprint,
-            preprocess,
-            target,
-            strict=strict,
-            progress=progress,
-        )
-    else:
-        logger.debug("reusing prepared cache %s", target)
+        with build_lock(target.name) as locked:
+            # another process may have published it while this one waited for the lock
+            index = _complete_index(target, source_fingerprint, preprocess)
+            if index is None:
+                if locked:
+                    _remove_killed_builds(target)
+                index = _build(
+                    root,
+                    name,
+                    image_stats,
+                    source_fingerprint,
+                    preprocess,
+                    target,
+                    strict=strict,
+                    progress=progress,
+                )
     _report_skipped(root, index, strict=strict)
     return target
 
@@ -260,7 +282,7 @@ def _build(
             {"attrs": attrs, "partition": torch.from_numpy(kept_codes)}, workdir / LABELS_FILE
         )
         (workdir / INDEX_FILE).write_text(json.dumps(index))
-        _move_into_place(workdir, target)
+        index = _publish(workdir, target, index, preprocess)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     logger.info("prepared %d images of %s into %s", len(kept), root, target)
@@ -347,16 +369,62 @@ def _preprocess_many(images: list[torch.Tensor], preprocess: Preprocess) -> torc
     return out
 
 
-def _move_into_place(workdir: Path, target: Path) -> None:
-    """Atomic rename; a stale cache is replaced, a concurrent identical build wins quietly."""
-    if target.exists():
-        shutil.rmtree(target)
+@contextmanager
+def build_lock(name: str) -> Iterator[bool]:
+    """Hold the lock of the cache entry ``name``, so that processes wanting it at once wait
+    for one build instead of each doing it; yields whether the lock is held.
+
+    Safety never depends on it (builds are published by an atomic rename): without fcntl
+    (Windows) or on a file system that refuses locks it yields False and a build may be done
+    twice. The kernel drops the lock when its process dies, so a killed build blocks no one.
+    """
+    with ExitStack() as stack:
+        locked = False
+        if fcntl is not None:
+            try:
+                folder = cache_dir() / LOCK_DIR
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = stack.enter_context((folder / f"{name}.lock").open("a"))
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.info("another process is preparing %s; waiting for it", name)
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                locked = True
+            except OSError as error:
+                logger.debug("preparing %s without a lock: %s", name, error)
+        yield locked
+
+
+def _remove_killed_builds(target: Path) -> None:
+    """Delete the temp dirs of builds of ``target`` that were killed. Only call it holding the
+    target's lock: every live build holds it, so no live build owns one of these."""
+    for leftover in target.parent.glob(f".{target.name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _publish(workdir: Path, target: Path, index: dict, preprocess: Preprocess) -> dict:
+    """Rename the finished build ``workdir`` to ``target``; return the index now in place.
+
+    A usable cache already there was published by another process (one that built without
+    the lock) and may be in use: it is kept and this build dropped. An unusable one (damaged,
+    or of another format) is moved aside first, as a folder cannot replace a non-empty one.
+    """
     try:
         os.replace(workdir, target)
+        return index
     except OSError:
-        if not (target / INDEX_FILE).is_file():
+        if not target.is_dir():
             raise
+    existing = _complete_index(target, index["fingerprint"], preprocess)
+    if existing is not None:
         logger.debug("another process prepared %s first", target)
+        return existing
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.replace(target, aside / "unusable")
+    os.replace(workdir, target)
+    shutil.rmtree(aside, ignore_errors=True)
+    return index
 
 
 def _report_skipped(root: Path, index: dict, *, strict: bool) -> None:
