@@ -18,6 +18,7 @@ images with each attribute flipped alone.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ from zoo.latent import (
     scale_edit,
     with_attribute,
 )
+
+log = logging.getLogger(__name__)
 
 # The 13 attributes of the AttGAN / STGAN edit benchmarks on CelebA.
 ATTGAN_ATTRIBUTES = (
@@ -70,18 +73,37 @@ def edited_attributes(context: BenchContext, classifier_names: list[str]) -> lis
 
 
 def bench_concept(context: BenchContext, attribute: str) -> Concept:
-    """The stored concept vector, or one computed on the model's training split and stored."""
+    """The stored concept vector if it was computed on the training split of this checkpoint,
+    else one computed on the training split.
+
+    A vector averaged over valid, test or all has seen the images the benchmark edits, so it
+    is not used (nor is one whose file records no split); it is left in place for ``zoo edit``
+    and the benchmark says so. A missing or outdated vector is replaced by the new one.
+    """
     path = concept_path(context.checkpoint, attribute)
-    if path.is_file():
-        concept = load_concept(context.checkpoint, attribute, context.model)
-        if concept.checkpoint_digest == file_digest(context.checkpoint):
-            return concept
+    stored = load_concept(context.checkpoint, attribute, context.model) if path.is_file() else None
+    current = stored is not None and stored.checkpoint_digest == file_digest(context.checkpoint)
+    if current and stored.split == "train":
+        return stored
     train = context.shared(
         f"train-split:{context.checkpoint}",
         lambda: load_split(context.info, context.settings.data, "train"),
     )
     concept = compute_concept(context.model, train, attribute, context.info)
-    save_concept(path, concept)
+    if current:
+        made_on = (
+            f"was computed on the {stored.split} split" if stored.split else "records no split"
+        )
+        log.warning(
+            "%s %s, so it may hold images the benchmark edits: using one computed on the "
+            "train split instead (not stored; zoo concept %s --attr %s stores one)",
+            path,
+            made_on,
+            context.checkpoint,
+            attribute,
+        )
+    else:
+        save_concept(path, concept)
     return concept
 
 

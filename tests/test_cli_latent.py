@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,19 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from benchmarks import edits
+from benchmarks.edits import bench_concept
+from benchmarks.metric import BenchContext, BenchSettings
 from cli import app
 from zoo import load as zoo_load
-from zoo.latent import faces_from_files, load_split
+from zoo.checkpoint import atomic_save, read_tensors_file
+from zoo.latent import (
+    CONCEPT_KIND,
+    concept_path,
+    faces_from_files,
+    load_concept,
+    load_split,
+)
 from zoo.samples import LINE_HEIGHT, PADDING
 from zoo.train import Trainer, TrainSettings
 
@@ -162,6 +173,43 @@ def test_unconditional_edit_goes_through_the_concept_vector(vae, tmp_path):
         zoo("generate", vae, "--attr", "Smiling=1", "-n", 3, "--out", tmp_path / "g.png").exit_code
         == 0
     )
+
+
+def test_bench_uses_only_concept_vectors_of_the_training_split(vae, caplog, monkeypatch):
+    model = zoo_load(vae)
+    info = model.checkpoint_info
+    context = BenchContext(
+        model,
+        Path(vae),
+        info,
+        load_split(info, None, "valid"),
+        BenchSettings(progress=False),
+        torch.device("cpu"),
+    )
+    path = concept_path(Path(vae), "Smiling")
+    train_size = len(load_split(info, None, "train"))
+
+    assert zoo("concept", vae, "--attr", "Smiling", "--split", "all").exit_code == 0
+    made_on_all = path.read_bytes()
+    with caplog.at_level(logging.WARNING):
+        concept = bench_concept(context, "Smiling")
+    assert concept.split == "train" and concept.count_with + concept.count_without == train_size
+    assert "computed on the all split" in caplog.text and "train split instead" in caplog.text
+    assert path.read_bytes() == made_on_all  # the user's vector stays for zoo edit
+
+    tensors, metadata = read_tensors_file(path, CONCEPT_KIND)
+    del metadata["split"]  # a file that does not record its split: unknown, so not reused
+    atomic_save(path, tensors, metadata)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert bench_concept(context, "Smiling").split == "train"
+    assert "records no split" in caplog.text
+
+    assert zoo("concept", vae, "--attr", "Smiling", "--split", "train").exit_code == 0
+    stored = load_concept(Path(vae), "Smiling", model)
+    monkeypatch.setattr(edits, "compute_concept", lambda *args: pytest.fail("recomputed"))
+    reused = bench_concept(context, "Smiling")
+    assert reused.split == "train" and torch.equal(reused.vector, stored.vector)
 
 
 def test_grid_on_a_two_dimensional_latent(synthetic_faces, tmp_path):

@@ -261,7 +261,7 @@ class Concept:
     count_without: int
     data_fingerprint: str
     data_root: str
-    split: str
+    split: str  # the split averaged over; "" when the file does not record it (unknown)
     checkpoint_digest: str
 
 
