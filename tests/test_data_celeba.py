@@ -305,7 +305,8 @@ def test_two_processes_preparing_one_cache_at_once_both_read_it(make_celeba, tmp
     identity = "\n".join(here.filenames).encode() + here.attrs.numpy().tobytes()
     assert digests == {hashlib.sha256(here.images.numpy().tobytes() + identity).hexdigest()}
     builds = [stderr.count("prepared 6 images") for _, stderr in outputs]
-    assert sorted(builds) == [0, 1]  # one decoded the images, the other waited and reused them
+    if cache.fcntl is not None:  # with the lock, one decodes, the other waits and reuses it
+        assert sorted(builds) == [0, 1]
     only = cache.prepare(root, here.preprocess, progress=False)
     assert list((cache.cache_dir() / "prepared").iterdir()) == [only]  # no temp dir left
 

@@ -125,6 +125,7 @@ def test_cache_dir_order(monkeypatch, tmp_path):
     assert cache_dir() == Path(tmp_path / "home" / ".cache" / "zoo")
 
 
+# README "What happens when": `$ZOO_CACHE_DIR` is a file, or a path under a file
 @pytest.mark.parametrize("below", ["", "sub/folder"])
 def test_a_cache_dir_that_is_a_file_is_one_line(make_celeba, tmp_path, monkeypatch, below):
     blocker = tmp_path / "not-a-folder"
