@@ -21,6 +21,10 @@ so any combination is one ``-o`` away:
   textures no other classifier reads; ``head_noise`` adds Gaussian noise to everything the
   head sees (as randomized smoothing does, Cohen et al. 2019), so only changes larger than
   the noise move it, and those are the ones an independent classifier reads too.
+  ``attr_step_min`` below 1 decodes each swapped sample with only a random fraction in
+  [``attr_step_min``, 1] of its label change while the head must still read the whole
+  change: the decoder learns to make an edit visible within part of the label step, so
+  the full step of a real edit is no longer the bare minimum the head accepts.
 - ``realism_weight`` (AttGAN's image adversary, aimed at edits only): a critic learns to
   tell decodes with flipped labels from ordinary reconstructions, and the decoder is
   penalised when it can. Reconstructions, not real photographs, are its "real" class, so
@@ -59,6 +63,7 @@ class EditCVAEConfig(ModelConfig):
     adversary_hidden: int = 256
     attr_weight: float = 0.0
     attr_flip_prob: float = 0.1
+    attr_step_min: float = 1.0
     head_noise: float = 0.0
     realism_weight: float = 0.0
 
@@ -74,6 +79,8 @@ class EditCVAEConfig(ModelConfig):
             raise ZooError(f"head_noise must be non-negative, got {self.head_noise}")
         if not 0 < self.attr_flip_prob <= 1:
             raise ZooError(f"attr_flip_prob must be in (0, 1], got {self.attr_flip_prob}")
+        if not 0 < self.attr_step_min <= 1:
+            raise ZooError(f"attr_step_min must be in (0, 1], got {self.attr_step_min}")
 
 
 Losses = dict[str, torch.Tensor]
@@ -134,6 +141,13 @@ class EditCVAE(CVAE):
         flips = torch.rand_like(y) < self.config.attr_flip_prob
         return torch.where(flips, 1.0 - y, y)
 
+    def partial_step(self, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Labels a random fraction in [``attr_step_min``, 1] of the way from y to target."""
+        if self.config.attr_step_min == 1:
+            return target
+        step = torch.empty(len(y), 1, device=y.device).uniform_(self.config.attr_step_min, 1)
+        return y + step * (target - y)
+
     def noisy(self, images: torch.Tensor) -> torch.Tensor:
         """Images as the head sees them: with Gaussian noise of std ``head_noise`` (if any)."""
         if not self.config.head_noise:
@@ -189,7 +203,7 @@ class EditCVAE(CVAE):
         head = self.attribute_head
         head_reading = None if head is None else head(self.noisy(x))
         target = self.flipped_labels(y)
-        edited = torch.sigmoid(self.decode_logits(z, target))
+        edited = torch.sigmoid(self.decode_logits(z, self.partial_step(y, target)))
         if head is not None:
             head_loss = _bce(head_reading, y)
             attr = _bce(_frozen(head, self.noisy(edited)), target)
