@@ -120,7 +120,7 @@ def train(
     ] = None,
     device: DeviceOption = "auto",
     precision: Annotated[
-        str, typer.Option(help="auto (bf16 on CUDA or AMX CPUs), fp32, bf16.")
+        str, typer.Option(help="auto (bf16 where measured clearly faster), fp32, bf16.")
     ] = "auto",
     kl_warmup: Annotated[int, typer.Option(help="Steps of linear KL warm-up (0 = none).")] = 0,
     out: RunsOutOption = Path("runs"),
@@ -203,7 +203,8 @@ def train(
     console.print(
         f"training [bold]{settings.model}[/] ({parameters:,} parameters) on {data_used.name} "
         f"{data_used.split} ({len(data_used):,} images, {data_used.preprocess.image_size}px) "
-        f"on {trainer.device} {trainer.precision}, steps {trainer.step}->{trainer.total_steps}; "
+        f"on {trainer.device}, precision {trainer.precision_choice}, "
+        f"steps {trainer.step}->{trainer.total_steps}; "
         f"run {trainer.run_dir}",
         soft_wrap=True,
     )

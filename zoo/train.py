@@ -39,7 +39,7 @@ import zoo
 from zoo import distributed
 from zoo.checkpoint import load_train_state, save_checkpoint, save_train_state
 from zoo.data import ImageData, load_data, resolve_source
-from zoo.device import autocast, pick_device, resolve_precision
+from zoo.device import PrecisionChoice, autocast, choose_precision, pick_device
 from zoo.errors import ZooError, error_reason
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
@@ -268,7 +268,8 @@ class Trainer:
         else:
             self.device = distributed.device_for(self.ranks, settings.device)
             distributed.join(self.ranks, self.device)
-        self.precision = resolve_precision(self.device, settings.precision)
+        self.precision_choice = self._choose_precision()
+        self.precision = self.precision_choice.precision
         if settings.deterministic:
             # cuBLAS needs this workspace setting to be deterministic; harmless elsewhere
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -299,6 +300,17 @@ class Trainer:
             record = json.dumps(self._settings_record(), indent=2)
             (self.run_dir / SETTINGS_FILE).write_text(record)
         self.preview = self._preview_batch()
+
+    def _choose_precision(self) -> PrecisionChoice:
+        """Under DDP rank 0 decides ``auto`` (it may run the probe) and the other ranks follow."""
+        requested = self.settings.precision
+        if self.ranks is None or requested != "auto":
+            return choose_precision(self.device, requested)
+        choice = choose_precision(self.device, requested) if self.is_main else None
+        agreed = distributed.broadcast_text(
+            choice.precision if choice else "", self.ranks, self.device
+        )
+        return choice or PrecisionChoice(agreed, "auto: as rank 0 chose")
 
     def _load_data(self) -> ImageData:
         """Rank 0 prepares the cache first; the other ranks then only read it."""
