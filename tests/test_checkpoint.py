@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ import zoo
 from zoo import checkpoint
 from zoo.errors import ZooError
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = {"image_size": 16, "base_channels": 4, "max_channels": 8, "latent_dim": 6}
 
 
@@ -69,7 +75,7 @@ def test_pickle_renamed_is_refused_without_unpickling(tmp_path):
     path.write_bytes(pickle.dumps(Boom()))
     # the control, read without unpickling: the payload calls exec on code naming the marker
     assert b"exec" in path.read_bytes() and repr(str(marker)).encode() in path.read_bytes()
-    with pytest.raises(ZooError, match="not a readable safetensors file"):
+    with pytest.raises(ZooError, match="is a pickle, not a safetensors file"):
         zoo.load(path)
     assert not marker.exists()
 
@@ -159,3 +165,164 @@ def test_training_state_round_trip(tmp_path):
     assert state.step == 12 and state.extra == {"a": 1} and torch.equal(state.rng_state["cpu"], rng)
     for name, tensor in model.state_dict().items():
         assert torch.equal(state.model_state[name], tensor)
+
+
+# -- hostile files: pickles under any name, configs that ask for terabytes ----------------------
+
+
+class _Payload:
+    """Unpickling this writes `marker`: the proof that nothing was unpickled is its absence."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('x')",))
+
+
+def _raw_pickle(path, marker) -> None:
+    path.write_bytes(pickle.dumps(_Payload(marker), protocol=4))  # starts with 0x80
+
+
+def _torch_save_pickle(path, marker) -> None:
+    torch.save({"w": torch.zeros(2), "payload": _Payload(marker)}, path)  # a zip with data.pkl
+
+
+def _pickle_readers():
+    """Every reader of a file zoo opens as safetensors, by name. (The FID weights are a
+    torch.save file by design, read with weights_only=True: tests/test_fid.py.)"""
+    from benchmarks.classifier import load_classifier
+
+    return {
+        "checkpoint": zoo.load,
+        "checkpoint header": zoo.read_info,
+        "resume state": checkpoint.load_train_state,
+        "concept vector": lambda path: checkpoint.read_tensors_file(path, "concept vector"),
+        "classifier": load_classifier,
+    }
+
+
+@pytest.mark.parametrize("write", [_raw_pickle, _torch_save_pickle])
+@pytest.mark.parametrize("reader", list(_pickle_readers()))
+def test_a_pickle_named_safetensors_is_named_a_pickle_and_never_unpickled(tmp_path, write, reader):
+    marker = tmp_path / "UNPICKLED"
+    path = tmp_path / "weights.safetensors"
+    write(path, marker)
+    assert b"exec" in path.read_bytes() or b"exec" in _zip_members(path)  # the payload is there
+    with pytest.raises(ZooError) as caught:
+        _pickle_readers()[reader](path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert "is a pickle, not a safetensors file; zoo never unpickles" in message
+    assert not marker.exists()
+
+
+def _zip_members(path) -> bytes:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return b""
+    with zipfile.ZipFile(path) as archive:
+        return b"".join(archive.read(name) for name in archive.namelist())
+
+
+def test_a_safetensors_file_starting_with_the_pickle_byte_is_read_as_safetensors(tmp_path):
+    """The pickle test looks at a file only when it is not safetensors: a header whose length
+    ends in 0x80 starts with the byte that pickles start with, and must not be called one."""
+    path = tmp_path / "foreign.safetensors"
+    for padding in range(256):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    with pytest.raises(ZooError, match="a safetensors file but not a zoo model"):
+        zoo.load(path)
+
+
+def _with_config(source, path, config) -> None:
+    """A copy of the checkpoint `source` whose config metadata is `config` (any JSON)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata()
+    metadata["zoo.config"] = config if isinstance(config, str) else json.dumps(config)
+    save_file(load_file(str(source)), str(path), metadata=metadata)
+
+
+CRAFTED = {  # config changes -> what the one line must say
+    "latent_dim_1e9": ({"latent_dim": 10**9}, "do not match the cvae config"),
+    "huge_widths": ({"base_channels": 10**6, "max_channels": 10**6}, "do not match"),
+    "image_size_4096": ({"image_size": 4096}, "cvae config cannot be built"),
+    "attributes_1e8": ({"num_attributes": 10**8}, "do not match the cvae config"),
+    "width_2_to_70": ({"base_channels": 2**70, "max_channels": 2**70}, "cannot be built"),
+    "nan_beta": ('"beta": NaN', "zoo.config field beta is nan, not a finite number"),
+    "infinite_latent": ('"latent_dim": Infinity', "field latent_dim is inf, not a finite"),
+    "overflowing_float": ('"latent_dim": 1e400', "field latent_dim is inf, not a finite"),
+    "list": ([1, 2], "zoo.config is a JSON array, not a JSON object"),
+}
+
+
+def test_crafted_configs_are_refused_before_anything_is_built(saved, tmp_path):
+    """Each crafted file gets one line, in a process that cannot allocate 512 MB more than it
+    holds after loading zoo: the config is checked against the header's shapes before the
+    model is built at the sizes it asks for (1 GB to 64 TB here)."""
+    _, genuine = saved
+    config = json.loads(_metadata(genuine)["zoo.config"])
+    paths = {"genuine": genuine}
+    for name, (change, _) in CRAFTED.items():
+        paths[name] = tmp_path / f"{name}.safetensors"
+        if isinstance(change, str):  # JSON that json.dumps cannot write: splice it in
+            key = change.split(":")[0].strip('"')
+            text = json.dumps({k: v for k, v in config.items() if k != key})
+            _with_config(genuine, paths[name], text[:-1] + ", " + change + "}")
+        else:
+            crafted = {**config, **change} if isinstance(change, dict) else change
+            _with_config(genuine, paths[name], crafted)
+    outcomes = _load_with_memory_cap(list(paths.values()), headroom_mb=512)
+    assert outcomes[str(genuine)] == "loaded"
+    for name, (_, fragment) in CRAFTED.items():
+        outcome = outcomes[str(paths[name])]
+        assert outcome.startswith("ZooError: "), f"{name}: {outcome}"
+        assert fragment in outcome and str(paths[name]) in outcome, f"{name}: {outcome}"
+
+
+def _metadata(path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+LOADER = """
+import json, resource, sys
+import zoo
+
+size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize"))
+limit = size * 1024 + int(sys.argv[1]) * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+outcomes = {}
+for path in sys.argv[2:]:
+    try:
+        zoo.load(path)
+        outcomes[path] = "loaded"
+    except zoo.ZooError as error:
+        outcomes[path] = f"ZooError: {error}"
+    except BaseException as error:
+        outcomes[path] = f"{type(error).__name__}: {str(error)[:200]}"
+print(json.dumps(outcomes))
+"""
+
+
+def _load_with_memory_cap(paths, headroom_mb: int) -> dict[str, str]:
+    """zoo.load each path in a child whose address space may grow by `headroom_mb` only."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, str(headroom_mb), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])

@@ -120,3 +120,67 @@ def test_name_clash_with_builtin_names_both_sources(isolated_registry, tmp_path,
     assert "registered twice: by zoo" in clash.error
     assert "tiny_plugin:TinyPluginVAE" in clash.error
     assert zoo.create_model("cvae", num_attributes=2).conditional
+
+
+def test_looking_up_a_builtin_imports_no_plugin(isolated_registry, tmp_path, monkeypatch):
+    """A plugin that is slow or blocks at import costs only what needs every plugin (listing)
+    or that plugin (its name): creating or loading a built-in model never imports it."""
+    _plugin_module(tmp_path, monkeypatch, "unneeded_plugin", TINY_PLUGIN)
+    _plugin_module(tmp_path, monkeypatch, "named_plugin", TINY_PLUGIN)
+    _inject_entry_points(
+        monkeypatch,
+        ("unneeded", "unneeded_plugin:TinyPluginVAE"),
+        ("named", "named_plugin:TinyPluginVAE"),
+    )
+    zoo.create_model("vae", image_size=16, base_channels=2, max_channels=4)
+    registry.get_model_class("cvae")
+    assert "unneeded_plugin" not in sys.modules and "named_plugin" not in sys.modules
+    registry.get_model_class("named")  # a plugin's name imports that entry point only
+    assert "named_plugin" in sys.modules and "unneeded_plugin" not in sys.modules
+    assert "unneeded" in zoo.list_models() and "unneeded_plugin" in sys.modules
+
+
+TINY_DISTRIBUTION = "tiny-zoo-plugin"
+
+
+def _install(site: Path, monkeypatch) -> None:
+    """TINY_PLUGIN as an installed distribution (a dist-info folder) on sys.path."""
+    site.mkdir()
+    (site / "tiny_plugin.py").write_text(textwrap.dedent(TINY_PLUGIN))
+    info = site / "tiny_zoo_plugin-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {TINY_DISTRIBUTION}\nVersion: 0.3\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "[zoo.models]\ntiny-plugin = tiny_plugin:TinyPluginVAE\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    sys.modules.pop("tiny_plugin", None)
+
+
+# README "What happens when ...": a checkpoint's model comes from a plugin that is not installed
+def test_a_checkpoint_from_a_plugin_that_is_not_installed_names_the_distribution(
+    isolated_registry, tmp_path, monkeypatch
+):
+    builtins = dict(registry.MODELS.entries)
+    with monkeypatch.context() as installed:
+        _install(tmp_path / "site", installed)
+        model = zoo.create_model("tiny-plugin", image_size=16, base_channels=2, max_channels=4)
+        entry = registry.MODELS.entries["tiny-plugin"]
+        assert (entry.source, entry.version) == (TINY_DISTRIBUTION, "0.3")
+        path = tmp_path / "model.safetensors"
+        zoo.save_checkpoint(path, model, source=entry.source)
+        assert zoo.load(path).model_name == "tiny-plugin"
+    info = zoo.read_info(path)
+    assert (info.source, info.source_version) == (TINY_DISTRIBUTION, "0.3")
+    # the distribution is gone: a fresh registry cannot find the model
+    monkeypatch.setattr(registry.MODELS, "entries", dict(builtins))
+    monkeypatch.setattr(registry.MODELS, "plugins_loaded", False)
+    sys.modules.pop("tiny_plugin", None)
+    with pytest.raises(ZooError) as caught:
+        zoo.load(path)
+    message = str(caught.value)
+    assert "model 'tiny-plugin' comes from the plugin tiny-zoo-plugin 0.3" in message
+    assert "it is not installed; pip install 'tiny-zoo-plugin==0.3'" in message
+    assert str(path) in message and "\n" not in message

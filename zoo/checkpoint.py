@@ -1,7 +1,10 @@
 """Checkpoints as single safetensors files: weights plus the metadata to rebuild the model.
 
-Nothing here unpickles. The model is rebuilt from its registry name and config
-JSON stored in the file's metadata; the training state for `--resume`
+Nothing here unpickles: every safetensors file zoo reads is opened by
+`open_safetensors`, which names a pickle as such and never loads it. The model is
+rebuilt from its registry name and config JSON stored in the file's metadata,
+checked against the tensor shapes in the header before anything is allocated
+(`load`); the training state for `--resume`
 (optimizer moments, step, RNG) is a second safetensors file. Every write goes
 to a temporary file that is fsynced and renamed, so a crash mid-write leaves
 the previous file intact.
@@ -9,9 +12,14 @@ the previous file intact.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import math
 import os
 import re
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +30,13 @@ from safetensors.torch import save_file
 
 from zoo.errors import ZooError, error_reason
 from zoo.model import GenerativeModel
-from zoo.registry import get_model_class
+from zoo.registry import MODELS, failure_text, get_model_class
 
 FORMAT_VERSION = "1"
 FORMAT_KEY = "zoo.format"
 KIND_KEY = "zoo.kind"
 MODEL_HINT = "zoo checkpoints are the model.safetensors written by `zoo train`"
+PICKLE_PROTO = 0x80  # the first byte of every pickle of protocol 2 or later
 
 
 @dataclass
@@ -42,7 +51,8 @@ class CheckpointInfo:
     preprocess: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
-    source: str = "zoo"
+    source: str = "zoo"  # the distribution that provided the model class
+    source_version: str = ""  # its version when the file was written (plugins only)
 
 
 TEMPORARY_NAME = re.compile(r"\..+\.tmp-\d+")
@@ -92,6 +102,45 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         temporary.unlink(missing_ok=True)
 
 
+def is_pickle(path: Path) -> bool:
+    """Whether a file is a pickle, judged from its bytes without loading it: a pickle stream
+    (first byte 0x80, the PROTO opcode of protocols 2-5) or torch.save's zip (a ``data.pkl``)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(1) == bytes([PICKLE_PROTO]):
+                return True
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == "data.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+@contextmanager
+def open_safetensors(path: Path, advice: str, what: str = "") -> Iterator[Any]:
+    """`safe_open` for every safetensors file zoo reads, with one-line errors ending in `advice`:
+    a missing file, a pickle (named as one: zoo never unpickles) or a file that is not
+    safetensors. The pickle test runs only on files safetensors refused, so a valid file whose
+    header length happens to start with 0x80 is never mistaken for one. `what` ("model file ")
+    names the file in the missing-file message."""
+    path = Path(path)
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ZooError(f"{what}{path} {state}{advice}")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as error:
+        if is_pickle(path):
+            raise ZooError(
+                f"{path} is a pickle, not a safetensors file; zoo never unpickles{advice}"
+            ) from None
+        reason = error_reason(error)
+        raise ZooError(f"{path} is not a readable safetensors file ({reason}){advice}") from None
+    with handle:
+        yield handle
+
+
 def read_header(path: Path, kind: str, hint: str) -> dict[str, str]:
     """The metadata of a zoo safetensors file of the given kind, or a one-line error.
 
@@ -99,14 +148,8 @@ def read_header(path: Path, kind: str, hint: str) -> dict[str, str]:
     such a file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ZooError(f"{kind} file {path} does not exist; {hint}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        reason = error_reason(error)
-        raise ZooError(f"{path} is not a readable safetensors file ({reason}); {hint}") from None
+    with open_safetensors(path, f"; {hint}", what=f"{kind} file ") as handle:
+        metadata = handle.metadata() or {}
     version = metadata.get(FORMAT_KEY)
     if version is None:
         raise ZooError(
@@ -123,13 +166,39 @@ def read_header(path: Path, kind: str, hint: str) -> dict[str, str]:
     return metadata
 
 
+def _json_type(value: Any) -> str:
+    """What JSON calls the type of a parsed value."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
 def _json(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
+    """Metadata `key` parsed as JSON of the same type as `default` (its value when absent)."""
     if key not in metadata:
         return default
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except json.JSONDecodeError:
         raise ZooError(f"{path}: metadata {key} is not valid JSON; the file is damaged") from None
+    if not isinstance(value, type(default)):
+        raise ZooError(
+            f"{path}: metadata {key} is a JSON {_json_type(value)}, not a JSON "
+            f"{_json_type(default)}; the file is damaged or was edited"
+        )
+    return value
+
+
+def _non_finite(value: Any, name: str) -> tuple[str, float] | None:
+    """The first (field, value) in a parsed JSON value that is NaN or infinite, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return name, value
+    if isinstance(value, (dict, list)):
+        children = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, child in children:
+            found = _non_finite(child, f"{name}.{key}" if name else str(key))
+            if found is not None:
+                return found
+    return None
 
 
 def finite_state_dict(module: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
@@ -159,6 +228,7 @@ def save_checkpoint(
         KIND_KEY: "model",
         "zoo.model": model.model_name,
         "zoo.source": source,
+        "zoo.source_version": MODELS.version_of(model.model_name, source),
         "zoo.config": model.config.to_json(),
         "zoo.attributes": json.dumps(attr_names or []),
         "zoo.attribute_rates": json.dumps(attr_rates or []),
@@ -175,16 +245,29 @@ def read_info(path: Path) -> CheckpointInfo:
     metadata = read_header(path, "model", MODEL_HINT)
     if "zoo.model" not in metadata or "zoo.config" not in metadata:
         raise ZooError(f"{path} lacks zoo.model or zoo.config metadata; the file is damaged")
+    config = _json(path, metadata, "zoo.config", {})
+    non_finite = _non_finite(config, "")
+    if non_finite is not None:
+        raise ZooError(
+            f"{path}: zoo.config field {non_finite[0]} is {non_finite[1]}, not a finite number; "
+            "the file is damaged or was edited"
+        )
+    attr_names = _json(path, metadata, "zoo.attributes", [])
+    if not all(isinstance(name, str) for name in attr_names):
+        raise ZooError(
+            f"{path}: metadata zoo.attributes is not a list of names; the file is damaged"
+        )
     return CheckpointInfo(
         path=path,
         model_name=metadata["zoo.model"],
-        config=_json(path, metadata, "zoo.config", {}),
-        attr_names=_json(path, metadata, "zoo.attributes", []),
+        config=config,
+        attr_names=attr_names,
         attr_rates=_json(path, metadata, "zoo.attribute_rates", []),
         preprocess=_json(path, metadata, "zoo.preprocess", {}),
         data=_json(path, metadata, "zoo.data", {}),
         training=_json(path, metadata, "zoo.training", {}),
         source=metadata.get("zoo.source", "zoo"),
+        source_version=metadata.get("zoo.source_version", ""),
     )
 
 
@@ -194,22 +277,104 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> GenerativeMode
     The returned model carries the file's metadata as ``model.checkpoint_info``.
     """
     info = read_info(Path(path))
-    model_class = get_model_class(info.model_name)
-    model = model_class(model_class.config_class.from_dict(info.config))
-    load_matching_weights(model, info.path, f"the {info.model_name} config")
+    model_class = _model_class(info)
+    expected_as = f"the {info.model_name} config"
+    config, skeleton = _skeleton(model_class, info, expected_as)
+    _check_shapes(_shapes(skeleton.state_dict()), header_shapes(info.path), info.path, expected_as)
+    model = model_class(config)
+    model.load_state_dict(read_tensors(info.path))
     model.checkpoint_info = info
     return model.to(device).eval()
 
 
-def _read_tensors(path: Path, advice: str = "") -> dict[str, torch.Tensor]:
+def _model_class(info: CheckpointInfo) -> type[GenerativeModel]:
+    """The class that rebuilds the checkpoint's model; if a plugin provided it and is not
+    installed, the error names the distribution (and version) to install."""
+    if info.source == "zoo" or MODELS.find(info.model_name):
+        return get_model_class(info.model_name)
+    wanted = f"{info.source}=={info.source_version}" if info.source_version else info.source
+    if ":" in info.source:  # an entry point outside any distribution
+        advice = f"make the entry point {info.source} importable again"
+    else:
+        try:
+            installed = importlib.metadata.version(info.source)
+            advice = (
+                f"{info.source} {installed} is installed but does not provide it; "
+                f"pip install '{wanted}'"
+            )
+        except importlib.metadata.PackageNotFoundError:
+            advice = f"it is not installed; pip install '{wanted}'"
+    raise ZooError(
+        f"{info.path}: model {info.model_name!r} comes from the plugin {info.source}"
+        f"{' ' + info.source_version if info.source_version else ''}; {advice}"
+    )
+
+
+def _skeleton(
+    model_class: type[GenerativeModel], info: CheckpointInfo, expected_as: str
+) -> tuple[Any, GenerativeModel]:
+    """(config, the model built on the meta device): its shapes, at no memory cost, so a config
+    that asks for terabytes is refused before anything real is allocated."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        reason = error_reason(error)
+        config = model_class.config_class.from_dict(info.config)
+        with torch.device("meta"):
+            return config, model_class(config)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # whatever a crafted config makes model code raise
         raise ZooError(
-            f"{path}: cannot read tensors ({reason}); the file is truncated or damaged{advice}"
+            f"{info.path}: {expected_as} cannot be built ({failure_text(error)}); "
+            "the file is damaged or was edited"
         ) from None
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+
+
+def header_shapes(path: Path, advice: str = "") -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, read from the safetensors header alone."""
+    with open_safetensors(path, advice) as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+
+
+def read_tensors(path: Path, advice: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; one-line errors end with `advice` (", do this")."""
+    with open_safetensors(path, advice) as handle:
+        try:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            reason = error_reason(error)
+            raise ZooError(
+                f"{path}: cannot read tensors ({reason}); the file is truncated or damaged{advice}"
+            ) from None
+
+
+def _check_shapes(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    path: Path,
+    expected_as: str,
+    advice: str = "",
+) -> None:
+    """Refuse a file whose tensor names or shapes differ from what `expected_as` builds."""
+    problems = [
+        f"{label}: {', '.join(names[:3])}"
+        for label, names in (
+            ("missing", [name for name in expected if name not in found]),
+            ("unexpected", [name for name in found if name not in expected]),
+            (
+                "wrong shape",
+                [name for name, shape in expected.items() if found.get(name, shape) != shape],
+            ),
+        )
+        if names
+    ]
+    if problems:
+        raise ZooError(
+            f"{path}: tensors do not match {expected_as} ({'; '.join(problems)}); "
+            f"the file is damaged or was edited{advice}"
+        )
 
 
 def load_matching_weights(
@@ -220,36 +385,15 @@ def load_matching_weights(
     `expected_as` names what the file should match ("the cvae config"); `advice`, appended
     to every error, says what to do instead.
     """
-    tensors = _read_tensors(path, advice)
-    expected = module.state_dict()
-    problems = [
-        f"{label}: {', '.join(names[:3])}"
-        for label, names in (
-            ("missing", [name for name in expected if name not in tensors]),
-            ("unexpected", [name for name in tensors if name not in expected]),
-            (
-                "wrong shape",
-                [
-                    name
-                    for name, tensor in expected.items()
-                    if name in tensors and tensors[name].shape != tensor.shape
-                ],
-            ),
-        )
-        if names
-    ]
-    if problems:
-        raise ZooError(
-            f"{path}: tensors do not match {expected_as} ({'; '.join(problems)}); "
-            f"the file is damaged or was edited{advice}"
-        )
+    tensors = read_tensors(path, advice)
+    _check_shapes(_shapes(module.state_dict()), _shapes(tensors), path, expected_as, advice)
     module.load_state_dict(tensors)
 
 
 def read_tensors_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a zoo file of the given kind (concept vector, ...), checked."""
     metadata = read_header(Path(path), kind, f"use a {kind} file written by zoo")
-    return _read_tensors(Path(path)), metadata
+    return read_tensors(Path(path)), metadata
 
 
 # -- training state for --resume ----------------------------------------------------------------
@@ -304,7 +448,7 @@ def load_train_state(path: Path) -> TrainState:
     """Read what `save_train_state` wrote, as an optimizer state dict ready to load."""
     path = Path(path)
     metadata = read_header(path, "training state", "resume from a run folder written by zoo train")
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     state: dict[int, dict[str, Any]] = {}
     for index, values in _json(path, metadata, "optimizer_scalars", {}).items():
         state.setdefault(int(index), {}).update(values)

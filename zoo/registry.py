@@ -2,9 +2,12 @@
 
 Built-ins register themselves when their package is imported. Third parties
 arrive through entry-point groups (``zoo.models`` for models, ``zoo.metrics``
-for benchmark metrics); they are loaded on first use, each in isolation and
-under a timeout, so a plugin that fails to import is reported as broken and
-never takes the zoo down with it.
+for benchmark metrics); they are imported only when needed, each in isolation
+and under a timeout, so a plugin that fails to import is reported as broken and
+never takes the zoo down with it. Looking up a built-in name imports no plugin,
+and looking up a plugin's name imports that entry point only: a plugin that is
+slow or blocks at import costs only the commands that list every plugin
+(`zoo list`, `zoo check-plugin`) or ask for it by name.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Entry(Generic[T]):
     cls: T
     source: str  # "zoo" for built-ins, else the distribution that provides it
     description: str = ""
+    version: str = ""  # the providing distribution's version (plugins only)
 
 
 @dataclass
@@ -68,7 +72,7 @@ class PluginRegistry(Generic[T]):
 
         return decorate
 
-    def add(self, cls: Any, name: str, source: str) -> None:
+    def add(self, cls: Any, name: str, source: str, version: str = "") -> None:
         base = self._base()
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise ZooError(
@@ -87,7 +91,7 @@ class PluginRegistry(Generic[T]):
             check()
         cls.registry_name = name
         doc = (cls.__doc__ or "").strip().splitlines()
-        self.entries[name] = Entry(name, cls, source, doc[0] if doc else "")
+        self.entries[name] = Entry(name, cls, source, doc[0] if doc else "", version)
 
     def load_plugins(self, *, reload: bool = False) -> None:
         """Import built-ins, then every entry point of the group once; failures are recorded."""
@@ -96,18 +100,44 @@ class PluginRegistry(Generic[T]):
             return
         self.plugins_loaded = True
         for entry_point in importlib.metadata.entry_points(group=self.group):
-            source = entry_point.dist.name if entry_point.dist else entry_point.value
-            known = self.entries.get(entry_point.name)
-            if known is not None and known.source == source:
-                continue
-            try:
-                self.add(_load_with_timeout(entry_point), entry_point.name, source)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as error:  # a plugin may raise anything, SystemExit included
-                self.broken[entry_point.name] = BrokenPlugin(
-                    entry_point.name, source, failure_text(error)
-                )
+            self._load(entry_point)
+
+    def _load(self, entry_point: importlib.metadata.EntryPoint) -> None:
+        """Import one entry point and register what it names, once; a failure is recorded."""
+        dist = entry_point.dist
+        source = dist.name if dist else entry_point.value
+        done = self.entries.get(entry_point.name) or self.broken.get(entry_point.name)
+        if done is not None and done.source == source:
+            return
+        try:
+            cls = _load_with_timeout(entry_point)
+            self.add(cls, entry_point.name, source, dist.version if dist else "")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a plugin may raise anything, SystemExit included
+            self.broken[entry_point.name] = BrokenPlugin(
+                entry_point.name, source, failure_text(error)
+            )
+
+    def find(self, name: str) -> bool:
+        """Whether `name` is registered (or is a plugin that failed to load), importing only what
+        it takes to know: the built-ins, then the entry points of that name, and only if those
+        do not provide it every plugin (a plugin module may register more names than it has
+        entry points)."""
+        importlib.import_module(self.builtin_module)
+        if name not in self.entries and name not in self.broken:
+            for entry_point in importlib.metadata.entry_points(group=self.group):
+                if entry_point.name == name:
+                    self._load(entry_point)
+        if name not in self.entries and name not in self.broken:
+            self.load_plugins()
+        return name in self.entries or name in self.broken
+
+    def version_of(self, name: str, source: str) -> str:
+        """The version of `source`, the distribution that provides `name`, as a checkpoint
+        records it ("" for built-ins and for entry points outside any distribution)."""
+        entry = self.entries.get(name)
+        return entry.version if entry is not None and entry.source == source else ""
 
     def names(self, pattern: str = "*") -> list[str]:
         self.load_plugins()
@@ -123,7 +153,7 @@ class PluginRegistry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The class registered under `name`, or a one-line error listing the known names."""
-        self.load_plugins()
+        self.find(name)
         if name in self.entries:
             return self.entries[name].cls
         if name in self.broken:
