@@ -1,4 +1,5 @@
-"""DDP: `zoo train --nproc 2` (torchrun, gloo on CPU) matches one process with the same batch."""
+"""DDP: `zoo train --nproc 2` (torchrun, gloo on CPU) matches one process with the same batch,
+however the global batch splits across the ranks (unevenly, or leaving a rank no image)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 import zoo
-from zoo.distributed import torchrun_command, without_nproc
+from zoo.distributed import Ranks, join, torchrun_command, without_nproc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,20 +48,24 @@ def environment(tmp_path_factory) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "ZOO_CACHE_DIR": str(site / "cache")}
 
 
-def train(environment, faces: str, out: Path, model: str, *extra: str) -> Path:
-    args = ["train", model, "--data", faces, "--image-size", "16", "--batch-size", "16",
-            "--max-steps", "4", "--no-flip", "--precision", "fp32", "--out", str(out),
-            "--no-progress", "--latent-dim", "4", "-o", "base_channels=4", "-o", "max_channels=8",
-            *extra]  # fmt: skip
+def zoo_command(environment, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [sys.executable, "-m", "cli", *args],
         env=environment,
-        cwd=out.parent,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def train(environment, faces: str, out: Path, model: str, *extra: str) -> Path:
+    args = ["train", model, "--data", faces, "--image-size", "16", "--precision", "fp32",
+            "--out", str(out), "--no-progress", "--latent-dim", "4", "-o", "base_channels=4",
+            "-o", "max_channels=8", *extra]  # fmt: skip
+    zoo_command(environment, out.parent, *args)
     [run] = out.iterdir()
     return run
 
@@ -69,22 +75,37 @@ def weights(run: Path) -> torch.Tensor:
     return torch.cat([tensors[name].flatten() for name in sorted(tensors)])
 
 
-def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one_with_the_same_global_batch(environment, synthetic_faces, tmp_path):
-    single = train(environment, synthetic_faces, tmp_path / "one", "det-ae")
-    double = train(environment, synthetic_faces, tmp_path / "two", "det-ae", "--nproc", "2")
+# 77 train images (odd) in global batches of 19: 10 + 9 images per rank, and the epoch's last
+# batch is 1 image, so rank 1 has none. Flips on; saves every 3 steps fall inside logging
+# windows (records at epoch ends, every 5 steps).
+BATCHES = ["--batch-size", "19", "--save-every", "3"]
+
+
+def test_two_processes_match_one_for_any_batch_split_and_after_a_resume(
+    environment, synthetic_faces, tmp_path
+):
+    single = train(environment, synthetic_faces, tmp_path / "one", "det-ae", *BATCHES,
+                   "--epochs", "2", "--max-steps", "7")  # fmt: skip
+    double = train(environment, synthetic_faces, tmp_path / "two", "det-ae", *BATCHES,
+                   "--epochs", "1", "--nproc", "2")  # fmt: skip
+    assert [r["step"] for r in records(double)] == [5]
+    resumed = zoo_command(environment, tmp_path, "train", "--resume", str(double), "--epochs", "2",
+                          "--max-steps", "7", "--nproc", "2", "--no-progress")  # fmt: skip
+    assert "steps 5->7" in resumed.stdout
+
     one, two = weights(single), weights(double)
     assert (one - two).norm() / one.norm() < 1e-5
-    assert losses(single) == pytest.approx(losses(double), rel=1e-5)
+    assert [r["step"] for r in records(single)] == [r["step"] for r in records(double)] == [5, 7]
+    for a, b in zip(records(single), records(double), strict=True):
+        for key in ("loss", "recon", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
     summary = zoo.read_info(double / "model.safetensors").training
-    assert summary["processes"] == 2 and summary["steps"] == 4
-    assert (
-        not (tmp_path / "two").joinpath("x").exists()
-        and len(list((tmp_path / "two").iterdir())) == 1
-    )
+    assert summary["processes"] == 2 and summary["steps"] == 7
+    assert len(list((tmp_path / "two").iterdir())) == 1  # the ranks shared one run folder
 
 
 EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_weight=1",
@@ -93,31 +114,26 @@ EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_we
 
 @pytest.mark.parametrize(("model", "options"), [("cvae", []), ("edit-cvae", EDIT_MECHANISMS)])
 def test_ddp_run_of_a_builtin_model_resumes(environment, synthetic_faces, tmp_path, model, options):
-    run = train(environment, synthetic_faces, tmp_path / "runs", model, "--nproc", "2", *options)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "train",
-            "--resume",
-            str(run),
-            "--max-steps",
-            "6",
-            "--nproc",
-            "2",
-            "--no-progress",
-        ],
-        env=environment,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run = train(environment, synthetic_faces, tmp_path / "runs", model, "--batch-size", "16",
+                "--max-steps", "4", "--nproc", "2", *options)  # fmt: skip
+    done = zoo_command(environment, tmp_path, "train", "--resume", str(run), "--max-steps", "6",
+                       "--nproc", "2", "--no-progress")  # fmt: skip
     assert "steps 4->6" in done.stdout
     state = zoo.read_info(run / "model.safetensors").training
     assert state["steps"] == 6 and state["processes"] == 2
+
+
+def test_each_rank_binds_its_gpu_before_the_process_group_starts(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    join(Ranks(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1))
+    assert calls == [("set", torch.device("cuda", 1)), ("init", "nccl")]
+    calls.clear()
+    join(Ranks(rank=1, world_size=2, local_rank=1), torch.device("cpu"))
+    assert calls == [("init", "gloo")]
 
 
 def test_torchrun_command():

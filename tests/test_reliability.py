@@ -1,9 +1,12 @@
-"""Faults: kill -9 mid-training, then --resume, gives exactly the uninterrupted run."""
+"""Faults: kill -9 or Ctrl-C mid-training, then --resume, gives exactly the uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,12 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 400
 
 
-def command(faces: str, out: Path) -> list[str]:
+def command(faces: str, out: Path, steps: int = STEPS, save_every: int = 25) -> list[str]:
     return [
         sys.executable, "-m", "cli", "train", "cvae", "--data", faces, "--image-size", "16",
-        "--batch-size", "16", "--max-steps", str(STEPS), "--epochs", "1000", "--save-every", "25",
-        "--sample-every", "100000", "--precision", "fp32", "--deterministic", "--no-progress",
-        "--latent-dim", "4", "-o", "base_channels=4", "-o", "max_channels=8", "--out", str(out),
+        "--batch-size", "16", "--max-steps", str(steps), "--epochs", "1000",
+        "--save-every", str(save_every), "--sample-every", "100000", "--precision", "fp32",
+        "--deterministic", "--no-progress", "--latent-dim", "4", "-o", "base_channels=4",
+        "-o", "max_channels=8", "--out", str(out),
     ]  # fmt: skip
 
 
@@ -38,6 +42,7 @@ def records(run: Path) -> list[tuple[int, float]]:
     return [(record["step"], record["loss"]) for record in map(json.loads, lines)]
 
 
+# README "What happens when": the process is killed (`kill -9`, power loss)
 def test_kill_9_then_resume_equals_the_uninterrupted_run(synthetic_faces, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ZOO_CACHE_DIR": str(tmp_path / "cache")}
     straight = subprocess.run(
@@ -82,3 +87,80 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(synthetic_faces, tmp_pa
     [reference] = (tmp_path / "straight").glob("cvae-*")
     assert records(run) == records(reference)  # same steps, bit-identical losses
     assert saved_step(run) == STEPS
+
+
+CHAIN_STEPS = 60
+
+
+def last_record_step(run: Path) -> int:
+    """The step of the last complete line of the metrics log (0 before there is one)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def stop_at_random(process: subprocess.Popen, out: Path, after_step: int, rng, how) -> str:
+    """Send ``how`` to a training process at a random moment once it logged past ``after_step``;
+    its stdout. The moment falls anywhere in a step: forward, backward, optimizer, log or save."""
+    target = after_step + rng.randint(1, 10)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        runs = list(out.glob("cvae-*"))
+        if runs and last_record_step(runs[0]) >= target:
+            time.sleep(rng.uniform(0, 0.05))
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "training ended before it could be stopped"
+    os.kill(process.pid, how)
+    stdout, _ = process.communicate(timeout=120)
+    return stdout
+
+
+def resume_command(stdout: str) -> list[str]:
+    """The printed `zoo train --resume RUN` command, as an argument list for `python -m cli`."""
+    [printed] = re.findall(r"^continue with: zoo (train --resume .+)$", stdout, re.MULTILINE)
+    return [sys.executable, "-m", "cli", *shlex.split(printed)]
+
+
+# README "What happens when": you press Ctrl-C during training
+# README "What happens when": the process is killed (`kill -9`, power loss)
+def test_ctrl_c_and_kill_at_random_moments_then_resume_equal_the_uninterrupted_run(
+    synthetic_faces, tmp_path
+):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ZOO_CACHE_DIR": str(tmp_path / "cache")}
+    # saves every 7 steps fall inside the logging windows (records at epoch ends, every 5)
+    straight = subprocess.Popen(
+        command(synthetic_faces, tmp_path / "straight", CHAIN_STEPS, save_every=7),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rng = random.Random(12)
+    out = tmp_path / "chain"
+    piped = {"env": env, "stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL, "text": True}
+    process = subprocess.Popen(command(synthetic_faces, out, CHAIN_STEPS, save_every=7), **piped)
+    stdout = stop_at_random(process, out, 0, rng, signal.SIGINT)
+    assert process.returncode == 130, stdout
+    resume = resume_command(stdout)
+    [run] = out.glob("cvae-*")
+    for how, code in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)):
+        process = subprocess.Popen(resume, **piped)
+        stdout = stop_at_random(process, out, saved_step(run), rng, how)
+        assert process.returncode == code, stdout
+        if how == signal.SIGINT:
+            assert resume_command(stdout) == resume
+    finished = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    assert straight.wait(timeout=600) == 0
+
+    [reference] = (tmp_path / "straight").glob("cvae-*")
+    timing = ("img_per_s", "wall_time_s")
+    lines = [
+        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+        for lines in ((r / "metrics.jsonl").read_text().splitlines() for r in (run, reference))
+    ]
+    assert lines[0] == lines[1]  # every step in one record, with bit-identical losses
+    assert saved_step(run) == CHAIN_STEPS
+    assert [p.name for p in run.iterdir() if ".tmp-" in p.name] == []

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import zoo
 from zoo import train
+from zoo.checkpoint import load_train_state
 from zoo.errors import ZooError
 from zoo.train import Trainer, TrainSettings, resume_settings
 
@@ -137,20 +142,140 @@ def test_nan_loss_can_be_skipped(faces, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in weights)
 
 
-def test_ctrl_c_saves_and_can_resume(faces, tmp_path, monkeypatch):
-    trainer = Trainer(settings(faces, tmp_path, max_steps=6, save_every=100), progress=False)
-    original = trainer.train_step
+def records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
-    def interrupt_at_three(x, y):
-        if trainer.step == 3:
-            raise KeyboardInterrupt
-        return original(x, y)
 
-    monkeypatch.setattr(trainer, "train_step", interrupt_at_three)
+def losses_only(run) -> list[dict]:
+    """The metrics log without its timings, which differ between any two runs."""
+    return [
+        {k: v for k, v in r.items() if k not in ("img_per_s", "wall_time_s")} for r in records(run)
+    ]
+
+
+def signal_after_optimizer_step(monkeypatch, trainer, at_step: int, times: int = 1) -> None:
+    """Press Ctrl-C (a real SIGINT to this process) right after the optimizer updated the weights
+    of step ``at_step``, before the trainer counted the step: the moment an interrupt must not
+    split."""
+    original = trainer.optimizer.step
+
+    def step_then_interrupt(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if trainer.step + 1 == at_step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(trainer.optimizer, "step", step_then_interrupt)
+
+
+# README "What happens when": you press Ctrl-C during training
+def test_ctrl_c_takes_effect_at_the_end_of_the_step(faces, tmp_path, monkeypatch):
+    straight = Trainer(settings(faces, tmp_path / "a", max_steps=8, log_every=3), progress=False)
+    straight.run()
+
+    handler_before = signal.getsignal(signal.SIGINT)
+    trainer = Trainer(settings(faces, tmp_path / "b", max_steps=8, log_every=3), progress=False)
+    signal_after_optimizer_step(monkeypatch, trainer, at_step=4)
     result = trainer.run()
-    assert result.interrupted and result.step == 3
+    assert result.interrupted and result.step == 4
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    assert load_train_state(result.run_dir / "train_state.safetensors").step == 4
+
     resumed = Trainer(resume_settings(result.run_dir), resume=result.run_dir, progress=False)
-    assert resumed.step == 3 and resumed.run().step == 6
+    assert resumed.step == 4 and resumed.run().step == 8
+    assert losses_only(result.run_dir) == losses_only(straight.run_dir)
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+# README "What happens when": you press Ctrl-C during training
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_save(faces, tmp_path, monkeypatch):
+    at_five = Trainer(settings(faces, tmp_path / "a", max_steps=5), progress=False)
+    at_five.run()
+
+    trainer = Trainer(settings(faces, tmp_path / "b", max_steps=10), progress=False)
+    signal_after_optimizer_step(monkeypatch, trainer, at_step=7, times=2)  # saves at 5 and 10
+    result = trainer.run()
+    assert result.interrupted and result.step == 5
+    state = load_train_state(result.run_dir / "train_state.safetensors")
+    assert state.step == 5  # the weights stepped a seventh time were not saved
+    for name, tensor in at_five.model.state_dict().items():
+        assert torch.equal(tensor, state.model_state[name]), name
+
+
+class PowerCut(Exception):
+    """Stands in for a kill: the process stops mid-step and saves nothing more."""
+
+
+# README "What happens when": the process is killed (`kill -9`, power loss)
+def test_every_step_is_in_one_record_after_kills_ctrl_c_and_resumes(faces, tmp_path, monkeypatch):
+    def run_settings(out):  # records every 4 steps and at epoch ends (5 steps), saves every 3
+        return settings(faces, out, epochs=10, max_steps=20, log_every=4, save_every=3)
+
+    straight = Trainer(run_settings(tmp_path / "a"), progress=False)
+    straight.run()
+
+    def cut_power_during(trainer, step):
+        original = trainer.model.loss
+
+        def loss(x, y=None, **kwargs):
+            if trainer.step + 1 == step:
+                raise PowerCut
+            return original(x, y, **kwargs)
+
+        monkeypatch.setattr(trainer.model, "loss", loss)
+
+    trainer = Trainer(run_settings(tmp_path / "b"), progress=False)
+    run = trainer.run_dir
+    cut_power_during(trainer, 8)  # last save at 6, last record at 5: step 6 only in the state
+    with pytest.raises(PowerCut):
+        trainer.run()
+    trainer = Trainer(resume_settings(run), resume=run, progress=False)
+    cut_power_during(trainer, 15)  # last save at 12, last record at 14: resume drops it
+    with pytest.raises(PowerCut):
+        trainer.run()
+    assert records(run)[-1]["step"] == 14
+    trainer = Trainer(resume_settings(run), resume=run, progress=False)
+    assert trainer.step == 12 and records(run)[-1]["step"] == 10
+    signal_after_optimizer_step(monkeypatch, trainer, at_step=17)
+    assert trainer.run().interrupted
+    trainer = Trainer(resume_settings(run), resume=run, progress=False)
+    assert trainer.step == 17 and trainer.run().step == 20
+
+    assert [r["step"] for r in records(run)] == [4, 5, 9, 10, 14, 15, 19, 20]
+    assert losses_only(run) == losses_only(straight.run_dir)
+    assert trainer.images_seen == straight.images_seen
+
+
+# README "What happens when": the process is killed (`kill -9`, power loss)
+def test_resume_removes_the_temporary_files_of_killed_writes(faces, tmp_path):
+    result = Trainer(settings(faces, tmp_path, max_steps=2), progress=False).run()
+    run = result.run_dir
+    stale = [".model.safetensors.tmp-4242", ".train_state.safetensors.tmp-17", ".config.json.tmp-9"]
+    kept = ["notes.tmp-1", ".model.safetensors.tmp-x1", "mine.txt", ".hidden"]
+    for name in stale + kept:
+        (run / name).write_bytes(b"half a file")
+    resumed = Trainer(resume_settings(run, max_steps=3), resume=run, progress=False)
+    resumed.run()
+    for name in stale:
+        assert not (run / name).exists(), name
+    for name in kept:
+        assert (run / name).read_bytes() == b"half a file", name
+    assert [p.name for p in run.iterdir() if ".tmp-" in p.name and p.name not in kept] == []
+
+
+def test_a_damaged_logging_window_in_the_resume_file_is_one_line(faces, tmp_path):
+    run = Trainer(settings(faces, tmp_path, max_steps=2), progress=False).run().run_dir
+    path = run / "train_state.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    extra = json.loads(metadata["extra"])
+    extra["window"] = {"keys": ["loss"], "sums": "many", "steps": 1, "images": 1, "elapsed": 0}
+    save_file(tensors, str(path), metadata={**metadata, "extra": json.dumps(extra)})
+    with pytest.raises(ZooError, match="malformed logging window; the run folder is damaged"):
+        Trainer(resume_settings(run, max_steps=3), resume=run, progress=False)
 
 
 def test_resume_of_a_folder_that_never_saved(faces, tmp_path):
@@ -172,6 +297,11 @@ def test_bad_settings_are_clear_errors(faces, tmp_path):
         Trainer(settings(faces, tmp_path, model="nope"), progress=False)
 
 
-def test_epoch_order_is_a_function_of_seed_and_epoch():
+def test_epoch_order_and_flips_are_a_function_of_seed_and_epoch():
     assert torch.equal(train.epoch_order(50, 1, 3), train.epoch_order(50, 1, 3))
     assert not torch.equal(train.epoch_order(50, 1, 3), train.epoch_order(50, 1, 4))
+    plan = train.epoch_plan(50, 1, 3)
+    assert torch.equal(plan.order, train.epoch_order(50, 1, 3))
+    assert torch.equal(plan.flips, train.epoch_plan(50, 1, 3).flips)
+    assert not torch.equal(plan.flips, train.epoch_plan(50, 1, 4).flips)
+    assert plan.flips.dtype == torch.bool and 10 < int(plan.flips.sum()) < 40

@@ -50,6 +50,8 @@ def join(ranks: Ranks, device: torch.device) -> None:
     """Join the process group: NCCL between GPUs, gloo between CPU processes."""
     if not dist.is_available():
         raise ZooError("this PyTorch build has no torch.distributed; run without torchrun")
+    if device.type == "cuda":  # before the group starts, so NCCL binds this rank to its GPU
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
@@ -92,11 +94,14 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_finite(loss: torch.Tensor) -> bool:
-    """True only if the loss is finite on every rank, so all ranks skip or stop together."""
-    finite = torch.isfinite(loss.detach()).float()
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+def agree(health: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+    """Whether ``health`` (loss, gradient norm) is finite on every rank, and whether any rank
+    was asked to stop (Ctrl-C): one all-reduce, so all ranks skip, stop or go on together."""
+    go_on = torch.tensor(0.0 if stop else 1.0, device=health.device)
+    flags = torch.stack([torch.isfinite(health.detach()).all().float(), go_on])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, everyone_goes_on = flags.tolist()
+    return bool(finite), not everyone_goes_on
 
 
 def torchrun_command(nproc: int, cli_args: list[str]) -> list[str]:

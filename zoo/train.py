@@ -19,11 +19,13 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from rich.progress import (
@@ -37,7 +39,13 @@ from rich.progress import (
 
 import zoo
 from zoo import distributed
-from zoo.checkpoint import load_train_state, save_checkpoint, save_train_state
+from zoo.checkpoint import (
+    atomic_write_text,
+    load_train_state,
+    remove_temporaries,
+    save_checkpoint,
+    save_train_state,
+)
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.device import PrecisionChoice, autocast, choose_precision, pick_device
 from zoo.errors import ZooError, error_reason
@@ -102,10 +110,31 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of one epoch, a pure function of (seed, epoch) so resume replays it."""
+class EpochPlan(NamedTuple):
+    order: torch.Tensor  # the images of the epoch, shuffled
+    flips: torch.Tensor  # bool, one per position of `order`: mirror that image
+
+
+def epoch_plan(num_items: int, seed: int, epoch: int) -> EpochPlan:
+    """The shuffled order and the flips of one epoch, a pure function of (seed, epoch): resume
+    replays it, and every rank of a DDP run agrees on the images of a global batch."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=generator)
+    order = torch.randperm(num_items, generator=generator)
+    return EpochPlan(order, torch.rand(num_items, generator=generator) < 0.5)
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch (see `epoch_plan`)."""
+    return epoch_plan(num_items, seed, epoch).order
+
+
+class Shard(NamedTuple):
+    """What one process trains on in one step."""
+
+    index: torch.Tensor  # rows of the data
+    flips: torch.Tensor | bool  # which of them to mirror
+    images: int  # this process's images (0: it runs one image at share 0)
+    global_images: int  # the whole step's images, over all processes
 
 
 def _rng_key(kind: str, ranks: distributed.Ranks | None) -> str:
@@ -141,7 +170,11 @@ def _set_rng_state(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the step a run resumes from (and a line cut short by a crash)."""
+    """Drop log lines past the step a run resumes from (and a line cut short by a crash).
+
+    The window the saved step was in is part of the saved state, so the next record covers
+    the steps between the last kept record and the saved step too.
+    """
     if not path.is_file():
         return
     kept = []
@@ -151,7 +184,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    path.write_text("".join(f"{line}\n" for line in kept))
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def new_run_dir(out: Path, name: str) -> Path:
@@ -190,10 +223,13 @@ def build_model(settings: TrainSettings, data: ImageData) -> GenerativeModel:
 
 
 class _Window:
-    """Loss sums and throughput since the last log line, kept on the device between logs.
+    """Loss sums and throughput since the last log record, kept on the device between logs.
 
     Every term the model's loss reports is averaged (models with an adversary or an
-    attribute head report more than loss, recon and KL).
+    attribute head report more than loss, recon and KL). Each step adds its losses weighted
+    by this process's share of the global batch, so under DDP the sum over ranks is the
+    global-batch mean. The window is saved with the training state: after a kill or Ctrl-C,
+    the resumed run's next record still covers every step since the last one.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -208,20 +244,21 @@ class _Window:
         self.images = 0
         self.start = time.perf_counter()
 
-    def add(self, losses: dict[str, torch.Tensor], images: int) -> None:
+    def add(self, losses: dict[str, torch.Tensor], images: int, share: float) -> None:
         if not self.keys:
             self.keys = list(losses)
             self.sums = torch.zeros(len(self.keys), device=self.device)
-        self.sums += torch.stack([losses[k].detach().float() for k in self.keys])
+        self.sums += share * torch.stack([losses[k].detach().float() for k in self.keys])
         self.steps += 1
         self.images += images
 
-    def reduce(self) -> None:
-        """Average the losses and add up the images of all ranks (DDP)."""
+    def merge_ranks(self, *, keep: bool = True) -> None:
+        """Add up the losses and images of all ranks (DDP). With ``keep`` False this rank's
+        copy empties, so only rank 0 carries the merged window on and each image counts once."""
         extra = torch.tensor([float(self.images)], device=self.sums.device)
         totals = distributed.sum_over_ranks(torch.cat([self.sums, extra]))
-        self.sums = totals[:-1] / torch.distributed.get_world_size()
-        self.images = int(totals[-1].item())
+        self.sums = totals[:-1] if keep else torch.zeros_like(self.sums)
+        self.images = int(totals[-1].item()) if keep else 0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -231,6 +268,61 @@ class _Window:
 
     def means(self) -> dict[str, float]:
         return dict(zip(self.keys, (self.sums / self.steps).tolist(), strict=True))
+
+    def state(self) -> dict[str, Any]:
+        """The open window as JSON (float32 sums survive the round trip exactly)."""
+        return {
+            "keys": self.keys,
+            "sums": self.sums.tolist(),
+            "steps": self.steps,
+            "images": self.images,
+            "elapsed": self.elapsed(),
+        }
+
+    def load_state(self, state: dict[str, Any], *, sums: bool = True) -> None:
+        """Reopen a saved window; without ``sums`` (DDP ranks but 0) its terms start at zero."""
+        if not state:
+            return
+        self.keys = list(state["keys"])
+        self.sums = torch.tensor(state["sums"], dtype=torch.float32, device=self.device)
+        self.steps = int(state["steps"])
+        self.images = int(state["images"])
+        self.start = time.perf_counter() - float(state["elapsed"])
+        if not sums:
+            self.sums.zero_()
+            self.images = 0
+
+
+class _CtrlC:
+    """Ctrl-C during training, deferred to the end of the step by a SIGINT handler, so the
+    saved weights and step counter always agree; a second Ctrl-C stops at once, unsaved.
+
+    Installed only in the main thread (Python delivers signals there alone); the previous
+    handler comes back afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __enter__(self) -> _CtrlC:
+        self.pressed = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGINT, previous)
+            self._installed = False
 
 
 def training_progress(enabled: bool) -> Progress:
@@ -286,11 +378,14 @@ class Trainer:
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.step = 0
-        self.wall_time = 0.0
+        self.wall_time = 0.0  # of the closed logging windows; the open one has its own clock
         self.images_seen = 0
         self.last_rate = 0.0
         self.last_losses: dict[str, float] = {}
         self.last_saved_step = 0
+        self.window = _Window(self.device)
+        self.ctrl_c = _CtrlC()
+        self.stop_agreed = False  # under DDP: Ctrl-C was pressed on some rank, all ranks know
         if resume is None:
             self.run_dir = self._new_run_dir()
         else:
@@ -298,7 +393,7 @@ class Trainer:
             self._restore()
         if self.is_main:
             record = json.dumps(self._settings_record(), indent=2)
-            (self.run_dir / SETTINGS_FILE).write_text(record)
+            atomic_write_text(self.run_dir / SETTINGS_FILE, record)
         self.preview = self._preview_batch()
 
     def _choose_precision(self) -> PrecisionChoice:
@@ -360,6 +455,9 @@ class Trainer:
                 f"cannot resume {self.run_dir}: {STATE_FILE} is missing (the run never saved); "
                 "start a new run instead"
             )
+        if self.is_main:
+            for path in remove_temporaries(self.run_dir):
+                log.info("removed %s, left by a write that was killed", path.name)
         state = load_train_state(state_path)
         fingerprint = state.extra.get("data_fingerprint")
         if fingerprint and fingerprint != self.data.fingerprint:
@@ -386,6 +484,12 @@ class Trainer:
         self.wall_time = float(state.extra.get("wall_time", 0.0))
         self.images_seen = int(state.extra.get("images_seen", 0))
         self.last_losses = state.extra.get("last_losses", {})
+        try:
+            self.window.load_state(state.extra.get("window", {}), sums=self.is_main)
+        except (KeyError, TypeError, ValueError):
+            raise ZooError(
+                f"{state_path} holds a malformed logging window; the run folder is damaged"
+            ) from None
 
     def _preview_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed handful of images for the sample grids, the same in every grid of the run."""
@@ -401,8 +505,8 @@ class Trainer:
             "lr": self.settings.lr,
             "seed": self.settings.seed,
             "final_losses": self.last_losses,
-            "wall_time_s": round(self.wall_time, 2),
-            "images_per_s": round(self.images_seen / max(self.wall_time, 1e-9), 1),
+            "wall_time_s": round(self._wall_time(), 2),
+            "images_per_s": round(self.images_seen / max(self._wall_time(), 1e-9), 1),
             "device": str(self.device),
             "processes": self.ranks.world_size if self.ranks else 1,
             "precision": self.precision,
@@ -414,12 +518,18 @@ class Trainer:
             },
         }
 
+    def _wall_time(self) -> float:
+        return self.wall_time + self.window.elapsed()
+
     def save(self) -> None:
         """Write weights, then training state; each write is atomic on its own.
 
-        Under DDP every rank calls this (the RNG states are gathered); rank 0 writes.
+        Under DDP every rank calls this (the RNG states and logging windows are gathered);
+        rank 0 writes.
         """
         rng_state = _rng_state(self.device, self.ranks)
+        if self.ranks is not None:
+            self.window.merge_ranks(keep=self.is_main)
         if not self.is_main:
             return
         self.model.eval()
@@ -445,6 +555,7 @@ class Trainer:
                 "images_seen": self.images_seen,
                 "last_losses": self.last_losses,
                 "data_fingerprint": self.data.fingerprint,
+                "window": self.window.state(),
             },
         )
         self.last_saved_step = self.step
@@ -462,37 +573,54 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def _batch_index(self, order: torch.Tensor) -> torch.Tensor:
-        """This process's share of the step's global batch."""
+    def _shard(self, plan: EpochPlan) -> Shard:
+        """This process's images of the step's global batch (all of them without DDP).
+
+        Under DDP the global batch is split as evenly as it goes. A rank left without images
+        (a last batch smaller than the number of ranks) still runs the step, on the batch's
+        first image at share 0, so the gradient all-reduce happens and adds nothing from it.
+        """
         start = (self.step % self.steps_per_epoch) * self.settings.batch_size
-        index = order[start : start + self.settings.batch_size]
-        if self.ranks is None:
-            return index
-        return index.tensor_split(self.ranks.world_size)[self.ranks.rank]
+        positions = torch.arange(start, min(start + self.settings.batch_size, len(plan.order)))
+        global_images = len(positions)
+        if self.ranks is not None:
+            positions = positions.tensor_split(self.ranks.world_size)[self.ranks.rank]
+        images = len(positions)
+        if images == 0:
+            positions = torch.tensor([start])
+        flips = plan.flips[positions] if self.settings.flip else False
+        return Shard(plan.order[positions], flips, images, global_images)
 
     def _kl_weight(self) -> float:
         warmup = self.settings.kl_warmup_steps
         return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0
+    ) -> dict[str, torch.Tensor] | None:
         """One optimizer step; None when the step was skipped for a non-finite loss or gradient.
 
+        ``share`` is this process's fraction of the global batch. The model's loss is a mean
+        over this process's images; scaled by share x ranks, DDP's average of the ranks'
+        gradients is the gradient of the global-batch mean, as with one process.
+
         The finiteness check is the loop's one host sync per step: a NaN must be caught at the
-        step it appears, before the optimizer writes it into the weights.
+        step it appears, before the optimizer writes it into the weights. Under DDP the same
+        all-reduce tells every rank whether Ctrl-C was pressed on any of them.
         """
         with autocast(self.device, self.precision):
             losses = self.trainable(x, y, kl_weight=self._kl_weight())
         self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        ranks = self.ranks.world_size if self.ranks else 1
+        (losses["loss"] * (share * ranks)).backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         health = torch.stack(
             [losses["loss"].detach().float(), torch.nn.utils.get_total_norm(grads)]
         )
-        finite = (
-            distributed.all_finite(health.sum())
-            if self.ranks is not None
-            else bool(torch.isfinite(health).all())
-        )
+        if self.ranks is not None:
+            finite, self.stop_agreed = distributed.agree(health, self.ctrl_c.pressed)
+        else:
+            finite = bool(torch.isfinite(health).all())
         if not finite:
             if self.settings.on_nan == "stop":
                 raise ZooError(self._nan_message(losses, health[1]))
@@ -503,37 +631,42 @@ class Trainer:
         return losses
 
     def run(self) -> TrainResult:
-        """Train to the step budget. Ctrl-C saves and returns; a NaN loss stops or skips."""
+        """Train to the step budget, an error or Ctrl-C.
+
+        Ctrl-C takes effect between steps: the run saves and returns. A second Ctrl-C stops at
+        once without saving (the last save stands, as after a kill). A NaN stops or skips.
+        """
         settings = self.settings
-        interrupted = False
-        window = _Window(self.device)
-        order = epoch_order(len(self.data), settings.seed, self.step // self.steps_per_epoch)
+        forced = False
+        plan = epoch_plan(len(self.data), settings.seed, self.step // self.steps_per_epoch)
         self.model.train()
+        self.stop_agreed = False
         metrics_path = self.run_dir / METRICS_FILE if self.is_main else Path(os.devnull)
-        with training_progress(self.show_progress) as progress, metrics_path.open("a") as metrics:
+        with (
+            training_progress(self.show_progress) as progress,
+            metrics_path.open("a") as metrics,
+            self.ctrl_c,
+        ):
             task = progress.add_task(
                 settings.model, total=self.total_steps, completed=self.step, stats=""
             )
             try:
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not self._stopping():
                     if self.step % self.steps_per_epoch == 0:
-                        order = epoch_order(
+                        plan = epoch_plan(
                             len(self.data), settings.seed, self.step // self.steps_per_epoch
                         )
-                    x, y = self.data.batch(
-                        self._batch_index(order), self.device, flip=settings.flip
-                    )
-                    losses = self.train_step(x, y)
+                    shard = self._shard(plan)
+                    x, y = self.data.batch(shard.index, self.device, flip=shard.flips)
+                    losses = self.train_step(x, y, shard.images / shard.global_images)
                     self.step += 1
                     if losses is not None:
-                        window.add(losses, x.shape[0])
-                        self.images_seen += x.shape[0] * (
-                            self.ranks.world_size if self.ranks else 1
-                        )
+                        self.window.add(losses, shard.images, shard.images / shard.global_images)
+                        self.images_seen += shard.global_images
                     epoch_end = self.step % self.steps_per_epoch == 0
                     finished = self.step == self.total_steps
-                    if window.steps >= settings.log_every or epoch_end or finished:
-                        self._log(window, metrics)
+                    if self.window.steps >= settings.log_every or epoch_end or finished:
+                        self._log(metrics)
                         progress.update(task, stats=self._stats())
                     progress.update(task, completed=self.step)
                     every = settings.sample_every
@@ -541,20 +674,32 @@ class Trainer:
                         self.write_samples()
                     if finished or epoch_end or self.step % settings.save_every == 0:
                         self.save()
+                if self._stopping() and self.last_saved_step != self.step:
+                    self.save()
             except KeyboardInterrupt:
-                interrupted = True
-                self.wall_time += window.elapsed()
-                self.save()
+                forced = True
+                log.warning(
+                    "stopped by a second Ctrl-C without saving; the last save is from step %d",
+                    self.last_saved_step,
+                )
             finally:
                 if self.ranks is not None:
                     distributed.leave()
-        return TrainResult(self.run_dir, self.step, self.total_steps, interrupted, self.summary())
+        interrupted = forced or self.step < self.total_steps
+        step = self.last_saved_step if forced else self.step
+        return TrainResult(self.run_dir, step, self.total_steps, interrupted, self.summary())
 
-    def _log(self, window: _Window, metrics: Any) -> None:
-        """Close a logging window: the only place the loop syncs with the device."""
+    def _stopping(self) -> bool:
+        """Whether Ctrl-C asks to stop before the next step: at once in one process; under DDP
+        once every rank knows, so they all stop after the same step."""
+        return self.stop_agreed if self.ranks is not None else self.ctrl_c.pressed
+
+    def _log(self, metrics: Any) -> None:
+        """Close the logging window: the only place the loop syncs with the device."""
+        window = self.window
         self.wall_time += window.elapsed()
         if self.ranks is not None:
-            window.reduce()
+            window.merge_ranks()
         if window.steps:
             self.last_losses = window.means()
         record = {

@@ -117,18 +117,23 @@ class ImageData:
         return self.images.shape[0]
 
     def batch(
-        self, index: torch.Tensor, device: torch.device | str | None = None, flip: bool = False
+        self,
+        index: torch.Tensor,
+        device: torch.device | str | None = None,
+        flip: bool | torch.Tensor = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] and attributes for ``index``.
 
-        ``flip`` mirrors each image with probability 0.5 using torch's global RNG, so training
-        stays reproducible under ``torch.manual_seed``. Conversion to float happens after the
-        transfer, so a GPU receives a quarter of the bytes.
+        ``flip=True`` mirrors each image with probability 0.5 using torch's global RNG, so
+        training stays reproducible under ``torch.manual_seed``; a bool tensor (one per index)
+        names the images to mirror instead. Conversion to float happens after the transfer, so
+        a GPU receives a quarter of the bytes.
         """
         images = self.images[index]
-        if flip:
-            mirrored = torch.rand(images.shape[0]) < 0.5
-            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        if flip is True:
+            flip = torch.rand(images.shape[0]) < 0.5
+        if isinstance(flip, torch.Tensor):
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         attrs = self.attrs[index]
         if device is not None:
             images = images.to(device, non_blocking=True)
