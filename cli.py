@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_origin
 
 import typer
 from rich.console import Console
@@ -16,6 +19,7 @@ from rich.table import Table
 
 import zoo
 from zoo.errors import ZooError
+from zoo.nets import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -48,13 +52,100 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric option, declared beside it: ``Annotated[int, typer.Option(
+    ...), Bounds(1)]``. `user_errors` checks every bounded option before the command runs, so
+    a value outside it (NaN and infinities included) is one line naming the option and range.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # `low` itself is outside (a learning rate must be > 0)
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return math.isfinite(value) and above and below
+
+    def describe(self) -> str:
+        low, high = _plain(self.low), _plain(self.high)
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{low}, {high}{right}"
+        if self.low is not None:
+            return f"{'greater than' if self.low_open else 'at least'} {low}"
+        if self.high is not None:
+            return f"{'less than' if self.high_open else 'at most'} {high}"
+        return "a finite number"
+
+    def check(self, option: str, value: Any, default: Any) -> None:
+        for number in value if isinstance(value, list) else [value]:
+            if number is not None and not self.holds(number):
+                raise ZooError(f"{option} must be {self.describe()}, got {number}")
+
+
+def _plain(number: float | None) -> str:
+    """A bound as people write it: 4294967295 and 0.5, not 4.29497e+09."""
+    return str(int(number)) if number is not None and float(number).is_integer() else str(number)
+
+
+@dataclass(frozen=True)
+class Writable:
+    """An output path option that must be a file or a folder (beside ``typer.Option``), so a
+    path of the wrong kind is one line before any work, not a traceback after it."""
+
+    kind: Literal["file", "folder"]
+
+    def check(self, option: str, value: Path | None, default: Any) -> None:
+        if value is None:
+            return
+        if self.kind == "file" and value.is_dir():
+            example = value / Path(default).name
+            raise ZooError(f"{option} {value} is a folder, not a file; name a file, e.g. {example}")
+        if self.kind == "folder" and value.exists() and not value.is_dir():
+            raise ZooError(f"{option} {value} is a file; name a folder (it is created if missing)")
+        existing = next((parent for parent in value.parents if parent.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ZooError(
+                f"{option} {value}: {existing} is a file, so nothing can be written there"
+            )
+
+
+def _option_name(name: str, metadata: tuple[Any, ...]) -> str:
+    """How the user spells an option: its first declared name (``-n``), else ``--the-name``.
+    In ``Annotated``, Typer takes ``typer.Option("-n")``'s first argument as a declaration."""
+    for info in metadata:
+        if isinstance(info, typer.models.OptionInfo):
+            declared = [info.default, *(info.param_decls or ())]
+            names = [d for d in declared if isinstance(d, str) and d.startswith("-")]
+            if names:
+                return names[0]
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_options(func: Callable[..., Any], values: dict[str, Any]) -> None:
+    """Apply the `Bounds` and `Writable` declared in the command's option annotations."""
+    for parameter in inspect.signature(func, eval_str=True).parameters.values():
+        if get_origin(parameter.annotation) is not Annotated:
+            continue
+        metadata = parameter.annotation.__metadata__
+        option = _option_name(parameter.name, metadata)
+        for check in metadata:
+            if isinstance(check, (Bounds, Writable)):
+                check.check(option, values.get(parameter.name), parameter.default)
+
+
 def user_errors(func: F) -> F:
-    """Turn a `ZooError` into one red line and exit code 1, never a traceback."""
+    """Turn a `ZooError` into one red line and exit code 1, never a traceback; options are
+    checked against their declared `Bounds` and `Writable` kinds first."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _setup_logging()
         try:
+            _check_options(func, kwargs)
             return func(*args, **kwargs)
         except ZooError as error:
             err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
@@ -86,8 +177,14 @@ DataOption = Annotated[
     ),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto (cuda, mps, cpu), cpu, cuda, cuda:N.")]
-RunsOutOption = Annotated[Path, typer.Option(help="Folder that receives the run folder.")]
+RunsOutOption = Annotated[
+    Path, typer.Option(help="Folder that receives the run folder."), Writable("folder")
+]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
+IMAGE_SIZES = Bounds(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)  # what the conv backbones can build
+BATCH_SIZES = Bounds(1, 65536)
+SEEDS = Bounds(0, 2**32 - 1)
+COUNT = Bounds(1)  # steps, epochs, images: at least one
 
 
 @app.command()
@@ -96,23 +193,31 @@ def train(
     model: Annotated[
         str | None, typer.Argument(help="Registered model name (see `zoo list`).")
     ] = None,
-    beta: Annotated[float | None, typer.Option(help="KL weight; 1 is the plain ELBO.")] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="KL weight; 1 is the plain ELBO."), Bounds(0)
+    ] = None,
     latent_dim: Annotated[
-        int | None, typer.Option(help="Latent dimensions (128 by default).")
+        int | None, typer.Option(help="Latent dimensions (128 by default)."), Bounds(1, 16384)
     ] = None,
     likelihood: Annotated[
         str | None, typer.Option(help="gaussian (MSE) or bernoulli (BCE).")
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Square image side (64; 32 for MNIST).")
+        int | None, typer.Option(help="Square image side (64; 32 for MNIST)."), IMAGE_SIZES
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Passes over the split (10; a resumed run keeps its own).")
+        int | None,
+        typer.Option(help="Passes over the split (10; a resumed run keeps its own)."),
+        COUNT,
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and noise.")] = 0,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps."), COUNT
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step."), BATCH_SIZES] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate."), Bounds(0, low_open=True)] = 1e-3,
+    seed: Annotated[
+        int, typer.Option(help="Seed for initialisation, data order and noise."), SEEDS
+    ] = 0,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="train, valid, test or all.")] = "train",
     attributes: Annotated[
@@ -122,12 +227,14 @@ def train(
     precision: Annotated[
         str, typer.Option(help="auto (bf16 where measured clearly faster), fp32, bf16.")
     ] = "auto",
-    kl_warmup: Annotated[int, typer.Option(help="Steps of linear KL warm-up (0 = none).")] = 0,
+    kl_warmup: Annotated[
+        int, typer.Option(help="Steps of linear KL warm-up (0 = none)."), Bounds(0)
+    ] = 0,
     out: RunsOutOption = Path("runs"),
     sample_every: Annotated[
-        int | None, typer.Option(help="Steps between sample grids (default: every epoch).")
+        int | None, typer.Option(help="Steps between sample grids (default: every epoch)."), COUNT
     ] = None,
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 1000,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints."), COUNT] = 1000,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this folder from its last save.")
     ] = None,
@@ -144,7 +251,7 @@ def train(
         bool, typer.Option("--compile", help="torch.compile the training step.")
     ] = False,
     nproc: Annotated[
-        int, typer.Option(help="Processes on this machine (DDP through torchrun).")
+        int, typer.Option(help="Processes on this machine (DDP through torchrun)."), Bounds(1, 256)
     ] = 1,
     progress: ProgressOption = True,
 ) -> None:
@@ -294,8 +401,9 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors fi
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     training = details.training
+    source = " ".join(filter(None, [details.source, details.source_version]))
     rows = {
-        "model": f"{details.model_name} (from {details.source})",
+        "model": f"{details.model_name} (from {source})",
         "config": json.dumps(details.config),
         "attributes": f"{len(details.attr_names)}: {', '.join(details.attr_names)}",
         "data": json.dumps({k: v for k, v in details.data.items() if k != "attr_names"}),
@@ -312,7 +420,7 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors fi
 @user_errors
 def data_prepare(
     data: DataOption = None,
-    size: Annotated[int, typer.Option(help="Square image side of the cache.")] = 64,
+    size: Annotated[int, typer.Option(help="Square image side of the cache."), IMAGE_SIZES] = 64,
     strict: Annotated[bool, typer.Option(help="Fail on any unreadable image.")] = False,
 ) -> None:
     """Decode every image once into a memory-mapped uint8 cache for training and benchmarks."""
@@ -330,10 +438,18 @@ def data_prepare(
 @data_app.command("synth")
 @user_errors
 def data_synth(
-    out: Annotated[Path, typer.Option(help="Folder to write the CelebA-layout dataset into.")],
-    n: Annotated[int, typer.Option("-n", help="Number of images.")] = 12000,
-    size: Annotated[int, typer.Option(help="Face size in pixels after the CelebA crop.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical files.")] = 0,
+    out: Annotated[
+        Path,
+        typer.Option(help="Folder to write the CelebA-layout dataset into."),
+        Writable("folder"),
+    ],
+    n: Annotated[int, typer.Option("-n", help="Number of images."), Bounds(1, 1_000_000)] = 12000,
+    size: Annotated[
+        int, typer.Option(help="Face size in pixels after the CelebA crop."), Bounds(8, 1024)
+    ] = 64,
+    seed: Annotated[
+        int, typer.Option(help="Seed; the same seed gives identical files."), SEEDS
+    ] = 0,
 ) -> None:
     """Write the built-in synthetic faces (with CelebA attribute names) in CelebA's layout."""
     from zoo.data.synth import write_synthetic
@@ -343,9 +459,11 @@ def data_synth(
 
 
 CheckpointArg = Annotated[Path, typer.Argument(help="A model.safetensors file.")]
-OutOption = Annotated[Path, typer.Option(help="PNG file to write.")]
-SeedOption = Annotated[int, typer.Option(help="Seed: the same seed gives the same picture.")]
-StrengthOption = Annotated[float, typer.Option(help="Concept-vector multiplier s in z + s*v.")]
+OutOption = Annotated[Path, typer.Option(help="PNG file to write."), Writable("file")]
+SeedOption = Annotated[int, typer.Option(help="Seed: the same seed gives the same picture."), SEEDS]
+StrengthOption = Annotated[
+    float, typer.Option(help="Concept-vector multiplier s in z + s*v."), Bounds()
+]
 
 
 def _load(checkpoint: Path, device: str) -> zoo.GenerativeModel:
@@ -362,7 +480,7 @@ def _wrote(path: Path, what: str) -> None:
 @user_errors
 def generate(
     checkpoint: CheckpointArg,
-    n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 64,
+    n: Annotated[int, typer.Option("-n", help="Number of samples."), Bounds(1, 1024)] = 64,
     attr: Annotated[
         list[str] | None, typer.Option(help="Attribute to fix, NAME=0|1 (repeatable).")
     ] = None,
@@ -371,7 +489,7 @@ def generate(
     ] = "prior",
     sweep: Annotated[str | None, typer.Option(help="Show each z with NAME off and on.")] = None,
     seed: SeedOption = 0,
-    temperature: Annotated[float, typer.Option(help="Scale of the prior draws.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Scale of the prior draws."), Bounds(0)] = 1.0,
     strength: StrengthOption = 1.5,
     out: OutOption = Path("generated.png"),
     device: DeviceOption = "auto",
@@ -426,10 +544,14 @@ def interpolate(
         list[Path] | None, typer.Option("--to", help="End image file, paired with --from.")
     ] = None,
     from_index: Annotated[
-        list[int] | None, typer.Option(help="Start image by index into --split (repeatable).")
+        list[int] | None,
+        typer.Option(help="Start image by index into --split (repeatable)."),
+        Bounds(0),
     ] = None,
-    to_index: Annotated[list[int] | None, typer.Option(help="End image index, paired.")] = None,
-    steps: Annotated[int, typer.Option(help="Images per row, ends included.")] = 8,
+    to_index: Annotated[
+        list[int] | None, typer.Option(help="End image index, paired."), Bounds(0)
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Images per row, ends included."), Bounds(2, 100)] = 8,
     slerp: Annotated[bool, typer.Option("--slerp", help="Spherical interpolation.")] = False,
     attr: Annotated[
         list[str] | None, typer.Option(help="Labels for image files, NAME=0|1 (repeatable).")
@@ -477,14 +599,16 @@ def edit(
     ] = None,
     strength: StrengthOption = 1.5,
     intensity: Annotated[
-        float, typer.Option(help="Scale of each --set change (AttGAN's test intensity; 1: swap).")
+        float,
+        typer.Option(help="Scale of each --set change (AttGAN's test intensity; 1: swap)."),
+        Bounds(),
     ] = 1.0,
     images: Annotated[
         list[Path] | None, typer.Option(help="Image files to edit (default: from --split).")
     ] = None,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to take images from.")] = "valid",
-    n: Annotated[int, typer.Option("-n", help="Images taken from the split.")] = 8,
+    n: Annotated[int, typer.Option("-n", help="Images taken from the split."), Bounds(1, 256)] = 8,
     seed: SeedOption = 0,
     out: OutOption = Path("edits.png"),
     device: DeviceOption = "auto",
@@ -537,7 +661,7 @@ def concept_command(
 @user_errors
 def grid(
     checkpoint: CheckpointArg,
-    n: Annotated[int, typer.Option("--n", help="Grid side.")] = 15,
+    n: Annotated[int, typer.Option("--n", help="Grid side."), Bounds(2, 50)] = 15,
     attr: Annotated[
         list[str] | None, typer.Option(help="Labels for a conditional model, NAME=0|1.")
     ] = None,
@@ -567,10 +691,10 @@ def bench(
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to measure on.")] = "valid",
     n: Annotated[
-        int | None, typer.Option("--n", help="Images of the split (default: all).")
+        int | None, typer.Option("--n", help="Images of the split (default: all)."), COUNT
     ] = None,
     seed: SeedOption = 0,
-    batch_size: Annotated[int, typer.Option(help="Batch size for evaluation.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Batch size for evaluation."), BATCH_SIZES] = 64,
     fid_features: Annotated[
         str, typer.Option(help="inception (standard FID) or classifier (offline FD-attr).")
     ] = "inception",
@@ -582,15 +706,21 @@ def bench(
     ] = None,
     edit_strength: StrengthOption = 1.0,
     edit_intensity: Annotated[
-        float, typer.Option(help="Scale of every edit: label change or concept shift (1).")
+        float,
+        typer.Option(help="Scale of every edit: label change or concept shift (1)."),
+        Bounds(),
     ] = 1.0,
-    throughput_batch_size: Annotated[int, typer.Option(help="Batch size for throughput.")] = 64,
+    throughput_batch_size: Annotated[
+        int, typer.Option(help="Batch size for throughput."), BATCH_SIZES
+    ] = 64,
     precision: Annotated[
         str, typer.Option(help="Precision of the throughput numbers: auto, fp32 or bf16.")
     ] = "auto",
     runs: Annotated[Path, typer.Option(help="Folder of runs to search.")] = Path("runs"),
     out: Annotated[
-        Path, typer.Option(help="JSON report; a Markdown table is written beside it.")
+        Path,
+        typer.Option(help="JSON report; a Markdown table is written beside it."),
+        Writable("file"),
     ] = Path("results.json"),
     device: DeviceOption = "auto",
     progress: ProgressOption = True,
@@ -652,20 +782,25 @@ def train_classifier_command(
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     eval_split: Annotated[str, typer.Option(help="Split to report accuracy on.")] = "valid",
-    image_size: Annotated[int, typer.Option(help="Square image side; match the models.")] = 64,
+    image_size: Annotated[
+        int, typer.Option(help="Square image side; match the models."), IMAGE_SIZES
+    ] = 64,
     backbone: Annotated[
         str, typer.Option(help="timm backbone, trained from scratch.")
     ] = "resnet18",
-    epochs: Annotated[int | None, typer.Option(help="Passes over the split.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the split."), COUNT] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step."), BATCH_SIZES] = 64,
     shift: Annotated[
         float | None,
         typer.Option(help="Random translation, a fraction of the side (1/16; 0: none)."),
+        Bounds(0, 0.5, high_open=True),
     ] = None,
     balanced: Annotated[
         bool, typer.Option(help="Weight each attribute's positives by negatives/positives.")
     ] = True,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (0).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay (0)."), Bounds(0)
+    ] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
