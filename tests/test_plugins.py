@@ -244,6 +244,26 @@ def test_a_metric_plugin_that_raises_is_recorded_and_the_others_still_run(tiny_v
     assert result["metrics"]["recon"]["n"] == 4 and "buggy" not in result["metrics"]
 
 
+# README "What happens when ...": a plugin is slow or blocks at import
+def test_a_plugin_is_imported_only_by_the_commands_that_need_it(tiny_vae, tmp_path):
+    """A plugin's import cost (here: it leaves a mark, then fails) is paid by `zoo list`, not by
+    commands on a built-in model."""
+    marker = tmp_path / "imported"
+    env = install_distribution(
+        tmp_path / "site",
+        "heavy-plugin",
+        {"heavy_plugin": f"open({str(marker)!r}, 'a').write('x')\nraise ImportError('heavy')\n"},
+        {"zoo.models": {"heavy": "heavy_plugin:Model"}},
+    )
+    env["ZOO_CACHE_DIR"] = str(tmp_path / "cache")
+    generated = zoo_command(env, "generate", tiny_vae, "-n", 2, "--out", "g.png", cwd=tmp_path)
+    assert generated.returncode == 0, generated.stderr
+    assert not marker.exists()
+    listed = zoo_command(env, "list", cwd=tmp_path)
+    assert listed.returncode == 0 and "heavy" in listed.stdout.split("failed to load")[1]
+    assert marker.read_text() == "x"
+
+
 # -- broken plugins ------------------------------------------------------------------------------
 
 BROKEN = {
