@@ -202,6 +202,7 @@ def _pickle_readers():
     }
 
 
+# README "What happens when ...": a file zoo reads is a pickle, whatever its name
 @pytest.mark.parametrize("write", [_raw_pickle, _torch_save_pickle])
 @pytest.mark.parametrize("reader", list(_pickle_readers()))
 def test_a_pickle_named_safetensors_is_named_a_pickle_and_never_unpickled(tmp_path, write, reader):
@@ -263,6 +264,7 @@ CRAFTED = {  # config changes -> what the one line must say
 }
 
 
+# README "What happens when ...": a checkpoint's config is crafted
 def test_crafted_configs_are_refused_before_anything_is_built(saved, tmp_path):
     """Each crafted file gets one line, in a process that cannot allocate 512 MB more than it
     holds after loading zoo: the config is checked against the header's shapes before the
