@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -202,6 +203,24 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_save(faces, tmp_path, 
     assert state.step == 5  # the weights stepped a seventh time were not saved
     for name, tensor in at_five.model.state_dict().items():
         assert torch.equal(tensor, state.model_state[name]), name
+
+
+def test_training_in_another_thread_leaves_sigint_alone(faces, tmp_path):
+    handler_before = signal.getsignal(signal.SIGINT)
+    trainer = Trainer(settings(faces, tmp_path, max_steps=2), progress=False)
+    results, errors = [], []
+
+    def train_in_thread():
+        try:
+            results.append(trainer.run())
+        except Exception as error:  # a handler installed off the main thread raises ValueError
+            errors.append(error)
+
+    thread = threading.Thread(target=train_in_thread)
+    thread.start()
+    thread.join(timeout=120)
+    assert errors == [] and results[0].step == 2 and not results[0].interrupted
+    assert signal.getsignal(signal.SIGINT) is handler_before
 
 
 class PowerCut(Exception):
