@@ -33,14 +33,17 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own cache dir and no data settings from the developer's shell.
+def isolated_environment(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test gets its own cache dir (beside its tmp_path, which stays as the test left
+    it) and no data settings from the developer's shell.
 
     The cache holds a precision probe result in which bf16 is no faster, so `--precision
     auto` trains in fp32 on every machine without timing the probe in each test (the rule
     itself is tested in tests/test_device.py).
     """
-    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "zoo-cache"))
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path_factory.mktemp("zoo-cache")))
     monkeypatch.delenv("ZOO_DATA", raising=False)
     monkeypatch.delenv("ZOO_SYNTHETIC_N", raising=False)
     store_measurement(torch.device("cpu"), StepTimes(fp32=1.0, bf16=1.0))

@@ -116,6 +116,7 @@ def test_an_incomplete_default_folder_falls_back_naming_what_is_missing(
 
 
 def test_cache_dir_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "zoo-cache"))
     assert cache_dir() == (tmp_path / "zoo-cache").resolve()
     monkeypatch.delenv("ZOO_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
