@@ -178,9 +178,9 @@ def _parse_attr_file(path: Path) -> tuple[list[str], list[str], np.ndarray, list
     first = lines[0].strip() if lines else ""
     count = int(first) if first.isascii() and first.isdigit() else None
     second = lines[1].split() if len(lines) > 1 else []
-    if count is None and second and not {"1", "-1"} & set(second):
-        # line 2 holds names, not values, so line 1 is a broken count line (not a header of a
-        # copy that omits the count, whose line 2 is the first image's row)
+    if count is None and second and not {"1", "-1"} & set(second) and "." not in second[0]:
+        # line 2 holds names (no values, no file name), so line 1 is a broken count line, not
+        # the header of a copy that omits the count, whose line 2 is the first image's row
         raise ZooError(
             f"{path} line 1: expected the number of images (a whole number, 202599 in the "
             f"official file), got {first[:40]!r}; fix the count or restore the official file"
