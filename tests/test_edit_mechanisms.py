@@ -9,6 +9,8 @@ switched off or stops working.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -45,8 +47,14 @@ def ruler(images: torch.Tensor) -> torch.Tensor:
 
 
 def trained(name: str, steps: int = 300, **config) -> zoo.GenerativeModel:
+    """The model trained on the square task; tests asking for the same one share it."""
+    return _trained(name, steps, tuple(sorted(config.items())))
+
+
+@functools.cache
+def _trained(name: str, steps: int, config: tuple[tuple[str, object], ...]) -> zoo.GenerativeModel:
     torch.manual_seed(0)
-    model = zoo.create_model(name, **TINY, **config)
+    model = zoo.create_model(name, **TINY, **dict(config))
     x, y = square_task(512, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(1)
