@@ -304,6 +304,7 @@ def test_evaluation_without_shared_attributes_is_a_zoo_error() -> None:
 # -- finding a classifier ------------------------------------------------------------------------
 
 
+# README "What happens when ...": no attribute classifier matches the data
 def test_find_classifier_picks_the_newest_match(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     classifier = _classifier()

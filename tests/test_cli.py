@@ -96,6 +96,8 @@ def test_data_synth_and_prepare(tmp_path):
     assert "20 images of 3x16x16" in result.output
 
 
+# README "What happens when ...": `--data` is missing or not a CelebA folder
+# README "What happens when ...": a model, metric or attribute name is unknown
 @pytest.mark.parametrize(
     "args,fragments",
     [
@@ -118,6 +120,7 @@ def test_bad_train_input_is_one_line(args, fragments, synthetic_faces, tmp_path)
     assert_one_line_error(zoo(*args, "--out", tmp_path / "runs", "--no-progress"), *fragments)
 
 
+# README "What happens when ...": `--data` is missing or not a CelebA folder
 def test_missing_celeba_file_is_named(tmp_path):
     (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
     result = zoo("train", "cvae", "--data", tmp_path / "celeba", "--no-progress")
