@@ -71,6 +71,7 @@ def _replace_line(path: Path, number: int, new: str | None) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# README "What happens when ...": a label file is malformed
 @pytest.mark.parametrize(
     ("file", "line", "new", "expected"),
     [
@@ -84,6 +85,8 @@ def _replace_line(path: Path, number: int, new: str | None) -> None:
         ("list_eval_partition.txt", 3, "000999.jpg 0", "line 3: 000999.jpg is not listed"),
         ("list_eval_partition.txt", 6, None, "list_attr_celeba.txt line 8: 000006.jpg has no"),
         ("list_attr_celeba.txt", 2, "Smiling Male Smiling", "attribute Smiling is listed twice"),
+        ("list_attr_celeba.txt", 4, "000001.jpg  1  1  1", "line 4: image 000001.jpg is listed"),
+        ("list_eval_partition.txt", 2, "000001.jpg 0", "line 2: image 000001.jpg is listed twice"),
     ],
 )
 def test_malformed_label_files_name_file_and_line(make_celeba, file, line, new, expected):
@@ -103,6 +106,7 @@ def test_a_label_file_without_the_count_line_still_parses(make_celeba):
     assert data.attr_names == ["Smiling", "Male", "Young"] and len(data) == 6
 
 
+# README "What happens when ...": an image is missing, truncated or not an image
 def test_missing_and_corrupt_images_are_skipped_with_one_warning(make_celeba, caplog):
     root = make_celeba()
     (root / "img_align_celeba" / "000002.jpg").unlink()
@@ -117,6 +121,23 @@ def test_missing_and_corrupt_images_are_skipped_with_one_warning(make_celeba, ca
     assert "1 missing, 1 undecodable (first: 000002.jpg: no such file)" in warnings[0]
 
 
+# README "What happens when ...": an image is missing, truncated or not an image
+def test_a_jpeg_cut_short_is_skipped_not_filled_in(make_celeba, caplog):
+    """A decoder may fill the missing half of a truncated JPEG with grey and carry on."""
+    root = make_celeba()
+    image = root / "img_align_celeba" / "000003.jpg"
+    jpeg = image.read_bytes()
+    scan = jpeg.index(b"\xff\xda")  # the headers end, the compressed pixels start
+    image.write_bytes(jpeg[: scan + (len(jpeg) - scan) // 2])  # a download cut short
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        data = load_data(str(root), "all", 16, progress=False)
+    assert "000003.jpg" not in data.filenames and len(data) == 5
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "0 missing, 1 undecodable (first: 000003.jpg: " in warning
+    assert "truncated" in warning.lower()
+
+
+# README "What happens when ...": an image is missing, truncated or not an image
 def test_strict_mode_names_the_first_bad_image_whether_cached_or_not(make_celeba):
     root = make_celeba()
     (root / "img_align_celeba" / "000004.jpg").write_bytes(b"\xff\xd8 truncated")
@@ -128,6 +149,18 @@ def test_strict_mode_names_the_first_bad_image_whether_cached_or_not(make_celeba
         load_data(str(root), "all", 16, strict=True, progress=False)
 
 
+# README "What happens when ...": an image is missing, truncated or not an image
+def test_strict_mode_names_a_missing_image_whether_cached_or_not(make_celeba):
+    root = make_celeba()
+    (root / "img_align_celeba" / "000003.jpg").unlink()
+    listed_but_missing = r"000003\.jpg is listed in list_attr_celeba\.txt but missing"
+    with pytest.raises(ZooError, match=listed_but_missing):
+        load_data(str(root), "all", 16, strict=True, progress=False)
+    assert len(load_data(str(root), "all", 16, progress=False)) == 5
+    with pytest.raises(ZooError, match=r"000003\.jpg is missing"):
+        load_data(str(root), "all", 16, strict=True, progress=False)
+
+
 def test_attribute_subset_in_the_order_asked(make_celeba):
     data = load_data(str(make_celeba()), "all", 16, attributes=["Young", "Smiling"], progress=False)
     assert data.attr_names == ["Young", "Smiling"]
@@ -135,6 +168,7 @@ def test_attribute_subset_in_the_order_asked(make_celeba):
     assert data.attrs[:, 1].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
 
+# README "What happens when ...": a model, metric or attribute name is unknown
 def test_unknown_attribute_suggests_the_closest_name(make_celeba):
     with pytest.raises(ZooError) as error:
         load_data(str(make_celeba()), "all", 16, attributes=["Smilling"], progress=False)
@@ -143,6 +177,7 @@ def test_unknown_attribute_suggests_the_closest_name(make_celeba):
     assert "Smiling, Male, Young" in str(error.value)
 
 
+# README "What happens when ...": a split is empty
 def test_empty_split_says_which_splits_have_images(make_celeba):
     root = make_celeba(partition=(0, 0, 0, 1, 1, 1))
     with pytest.raises(
@@ -155,6 +190,7 @@ def test_empty_split_says_which_splits_have_images(make_celeba):
         load_data(str(root), "validation", 16, progress=False)
 
 
+# README "What happens when ...": an image is grayscale, RGBA, a PNG named `.jpg`
 def test_gray_rgba_png_and_odd_sized_images_become_rgb_faces(make_celeba):
     root = make_celeba()
     images = root / "img_align_celeba"
@@ -415,6 +451,7 @@ def test_load_image_file_reads_jpeg_and_png_and_rejects_junk(tmp_path):
         load_image_file(tmp_path / "absent.png", preprocess)
 
 
+# README "What happens when ...": a split is empty
 @pytest.mark.slow
 def test_real_celeba_sample_valid_split(celeba_sample):
     data = load_data(str(celeba_sample), "valid", 64, progress=False)
