@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +60,21 @@ def test_info_reads_the_header_only(saved):
     assert info.model_name == "cvae" and info.config["beta"] == 2.0
 
 
+def _refusal(path) -> str:
+    """zoo.load's refusal of `path`: one line that names the file (and says what is wrong)."""
+    with pytest.raises(ZooError) as caught:
+        zoo.load(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ZooError, match="does not exist"):
         zoo.load(tmp_path / "nope.safetensors")
 
 
+# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
 def test_pickle_renamed_is_refused_without_unpickling(tmp_path):
     marker = tmp_path / "PWNED"  # absolute: where unpickling would write, whatever the cwd
 
@@ -75,25 +86,25 @@ def test_pickle_renamed_is_refused_without_unpickling(tmp_path):
     path.write_bytes(pickle.dumps(Boom()))
     # the control, read without unpickling: the payload calls exec on code naming the marker
     assert b"exec" in path.read_bytes() and repr(str(marker)).encode() in path.read_bytes()
-    with pytest.raises(ZooError, match="is a pickle, not a safetensors file"):
-        zoo.load(path)
+    assert "is a pickle, not a safetensors file" in _refusal(path)
     assert not marker.exists()
 
 
+# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
 def test_safetensors_without_zoo_metadata(tmp_path):
     path = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
-    with pytest.raises(ZooError, match="not a zoo model"):
-        zoo.load(path)
+    assert "not a zoo model" in _refusal(path)
 
 
+# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
 def test_foreign_format_version(tmp_path):
     path = tmp_path / "future.safetensors"
     save_file({"w": torch.zeros(2)}, str(path), metadata={"zoo.format": "99"})
-    with pytest.raises(ZooError, match="format '99'"):
-        zoo.load(path)
+    assert "has zoo format '99'" in _refusal(path)
 
 
+# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
 def test_tensors_that_do_not_match_the_config(saved, tmp_path):
     model, path = saved
     info = zoo.read_info(path)
@@ -107,18 +118,18 @@ def test_tensors_that_do_not_match_the_config(saved, tmp_path):
     }
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=metadata)
-    with pytest.raises(ZooError, match="do not match the cvae config.*missing: decoder.project"):
-        zoo.load(bad)
+    assert re.search("do not match the cvae config.*missing: decoder.project", _refusal(bad))
 
 
+# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
 def test_truncated_file(saved, tmp_path):
     _, path = saved
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ZooError, match="truncated|not a readable"):
-        zoo.load(truncated)
+    assert re.search("truncated|not a readable", _refusal(truncated))
 
 
+# README "What happens when ...": the loss or the gradient becomes NaN or Inf
 def test_nan_weights_are_never_written(tmp_path):
     model = zoo.create_model("vae", **TINY)
     with torch.no_grad():
@@ -129,6 +140,7 @@ def test_nan_weights_are_never_written(tmp_path):
     assert not path.exists()
 
 
+# README "What happens when ...": a crash happens while a checkpoint is written
 def test_crash_between_write_and_rename_keeps_the_old_file(saved, monkeypatch):
     model, path = saved
     before = path.read_bytes()
@@ -143,6 +155,28 @@ def test_crash_between_write_and_rename_keeps_the_old_file(saved, monkeypatch):
         zoo.save_checkpoint(path, model)
     assert path.read_bytes() == before
     assert list(path.parent.iterdir()) == [path]
+
+
+# README "What happens when ...": a crash happens while a checkpoint is written
+def test_a_checkpoint_is_fsynced_before_it_is_renamed_into_place(saved, monkeypatch):
+    """Without the fsync, a power cut after the rename can leave a name pointing at blocks
+    that never reached the disk: the rename must publish a file already on it."""
+    model, path = saved
+    real_fsync, real_replace = os.fsync, os.replace
+    synced, renames = set(), []
+
+    def fsync(fd):
+        real_fsync(fd)
+        synced.add(os.fstat(fd).st_ino)
+
+    def replace(source, target):
+        renames.append((Path(target), os.stat(source).st_ino in synced))
+        real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    zoo.save_checkpoint(path, model)
+    assert renames == [(path, True)]
 
 
 def test_training_state_round_trip(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import threading
 
@@ -108,25 +110,46 @@ def test_resume_continues_at_the_saved_step_with_identical_losses(faces, tmp_pat
     assert zoo.read_info(first.run_dir / "model.safetensors").training["steps"] == 8
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-    faces, tmp_path, monkeypatch
+def nan_loss(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**losses, "loss": losses["loss"] * float("nan")}
+
+
+def infinite_loss(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**losses, "loss": losses["loss"] * float("inf")}
+
+
+def infinite_gradient(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss stays finite; the gradient flowing back from it is infinite."""
+    losses["loss"].register_hook(lambda grad: grad * float("inf"))
+    return losses
+
+
+# README "What happens when ...": the loss or the gradient becomes NaN or Inf
+@pytest.mark.parametrize("poison", [nan_loss, infinite_loss, infinite_gradient])
+def test_a_non_finite_step_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    faces, tmp_path, monkeypatch, poison
 ):
     trainer = Trainer(settings(faces, tmp_path, max_steps=6, save_every=2), progress=False)
     original = trainer.model.loss
 
     def poisoned(x, y=None, **kwargs):
         losses = original(x, y, **kwargs)
-        if trainer.step == 4:
-            losses["loss"] = losses["loss"] * float("nan")
-        return losses
+        return poison(losses) if trainer.step == 4 else losses
 
     monkeypatch.setattr(trainer.model, "loss", poisoned)
-    with pytest.raises(ZooError, match="loss or gradient is not finite at step 5.*from step 4"):
+    with pytest.raises(ZooError) as error:
         trainer.run()
-    assert zoo.read_info(trainer.run_dir / "model.safetensors").training["steps"] == 4
+    message, checkpoint = str(error.value), trainer.run_dir / "model.safetensors"
+    assert "loss or gradient is not finite at step 5" in message and "\n" not in message
+    assert f"the last good checkpoint {checkpoint} is from step 4" in message
+    assert zoo.read_info(checkpoint).training["steps"] == 4
 
 
-def test_nan_loss_can_be_skipped(faces, tmp_path, monkeypatch):
+# README "What happens when ...": the loss or the gradient becomes NaN or Inf
+@pytest.mark.parametrize("poison", [nan_loss, infinite_gradient])
+def test_a_non_finite_step_can_be_skipped_with_a_warning(
+    faces, tmp_path, monkeypatch, caplog, poison
+):
     trainer = Trainer(settings(faces, tmp_path, max_steps=4, on_nan="skip"), progress=False)
     original = trainer.model.loss
     calls = []
@@ -134,11 +157,14 @@ def test_nan_loss_can_be_skipped(faces, tmp_path, monkeypatch):
     def poisoned(x, y=None, **kwargs):
         calls.append(1)
         losses = original(x, y, **kwargs)
-        return {**losses, "loss": losses["loss"] * float("nan")} if len(calls) == 2 else losses
+        return poison(losses) if len(calls) == 2 else losses
 
     monkeypatch.setattr(trainer.model, "loss", poisoned)
-    result = trainer.run()
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        result = trainer.run()
     assert result.step == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["non-finite loss or gradient at step 2; step skipped"]
     weights = zoo.load(result.run_dir / "model.safetensors").state_dict().values()
     assert all(torch.isfinite(t).all() for t in weights)
 
@@ -297,10 +323,31 @@ def test_a_damaged_logging_window_in_the_resume_file_is_one_line(faces, tmp_path
         Trainer(resume_settings(run, max_steps=3), resume=run, progress=False)
 
 
+# README "What happens when ...": `--resume` points at data that changed, or at a folder
 def test_resume_of_a_folder_that_never_saved(faces, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ZooError, match="config.json is missing"):
         resume_settings(tmp_path / "empty")
+    started = Trainer(settings(faces, tmp_path), progress=False).run_dir  # killed before a save
+    with pytest.raises(ZooError) as error:
+        Trainer(resume_settings(started), resume=started, progress=False)
+    message = str(error.value)
+    assert f"cannot resume {started}: train_state.safetensors is missing" in message
+    assert "start a new run" in message and "\n" not in message
+
+
+# README "What happens when ...": `--resume` points at data that changed, or at a folder
+def test_resume_on_data_that_changed_since_the_run_started(faces, tmp_path):
+    data = shutil.copytree(faces, tmp_path / "faces")
+    run = Trainer(settings(str(data), tmp_path, max_steps=2), progress=False).run().run_dir
+    image = next((data / "img_align_celeba").iterdir())
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched
+    with pytest.raises(ZooError) as error:
+        Trainer(resume_settings(run, max_steps=3), resume=run, progress=False)
+    message = str(error.value)
+    assert f"cannot resume {run}: its data ({data.resolve()}) has changed since" in message
+    assert "start a new run" in message and "\n" not in message
 
 
 def test_unconditional_model_on_the_same_data(faces, tmp_path):
