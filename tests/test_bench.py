@@ -260,9 +260,10 @@ def no_classifier():
     raise ZooError("no attribute classifier in this test")
 
 
+# README "What happens when ...": a model, metric or attribute name is unknown
 def test_builtin_metrics_are_registered():
     assert set(METRICS.names()) >= {"fid", "recon", "edit", "throughput"}
-    with pytest.raises(ZooError, match="unknown metric 'fdi'.*'fid'"):
+    with pytest.raises(ZooError, match="unknown metric 'fdi'.*'fid'.*Known metrics: .*recon"):
         METRICS.get("fdi")
 
 
@@ -467,6 +468,7 @@ def test_bench_says_when_it_measures_other_data_than_the_checkpoints(
     assert "Not the training data" in out.with_suffix(".md").read_text()
 
 
+# README "What happens when ...": no attribute classifier matches the data
 def test_bench_without_runs_or_classifier_says_what_to_do(runs, tmp_path):
     result = CliRunner().invoke(app, ["bench", "--runs", str(tmp_path / "empty"), "--no-progress"])
     assert result.exit_code == 1 and "no trained models under" in result.output
@@ -478,6 +480,10 @@ def test_bench_without_runs_or_classifier_says_what_to_do(runs, tmp_path):
             str(cvae),
             "--metric",
             "edit",
+            "--metric",
+            "fid",
+            "--fid-features",
+            "classifier",
             "--runs",
             str(tmp_path),
             "--n",
@@ -490,3 +496,7 @@ def test_bench_without_runs_or_classifier_says_what_to_do(runs, tmp_path):
         ],
     )
     assert result.exit_code == 1 and "zoo train-classifier --data" in result.output
+    [report] = json.loads((tmp_path / "r.json").read_text())["results"]
+    command = f"zoo train-classifier --data {zoo.read_info(cvae).data['root']} --image-size 16"
+    assert set(report["errors"]) == {"edit", "fid"}  # FD-attr needs the classifier too
+    assert all(error.endswith(command) for error in report["errors"].values())

@@ -275,6 +275,13 @@ BROKEN = {
             def encode(self, x, y=None):
                 raise NotImplementedError
     """,
+    "encodeless_plugin": """
+        import zoo
+
+        class NoEncoder(zoo.GenerativeModel):
+            def decode_logits(self, z, y=None):
+                raise NotImplementedError
+    """,
     "misshapen_plugin": """
         import torch
         from zoo.models.vae import VAE
@@ -282,6 +289,14 @@ BROKEN = {
         class Misshapen(VAE):
             def decode(self, z, y=None):
                 return super().decode(z, y)[:, :, :-1]  # one row short
+    """,
+    "nan_plugin": """
+        import torch
+        from zoo.models.vae import VAE
+
+        class NaNDecoder(VAE):
+            def decode_logits(self, z, y=None):
+                return torch.full_like(super().decode_logits(z, y), float("nan"))
     """,
 }
 
@@ -294,7 +309,9 @@ def broken_plugins(monkeypatch, tmp_path):
     points = [
         importlib.metadata.EntryPoint("raising", "raising_plugin:Model", "zoo.models"),
         importlib.metadata.EntryPoint("methodless", "methodless_plugin:NoDecoder", "zoo.models"),
+        importlib.metadata.EntryPoint("encodeless", "encodeless_plugin:NoEncoder", "zoo.models"),
         importlib.metadata.EntryPoint("misshapen", "misshapen_plugin:Misshapen", "zoo.models"),
+        importlib.metadata.EntryPoint("nan", "nan_plugin:NaNDecoder", "zoo.models"),
         importlib.metadata.EntryPoint("vae", "misshapen_plugin:Misshapen", "zoo.models"),
     ]
     real = importlib.metadata.entry_points
@@ -311,23 +328,30 @@ def broken_plugins(monkeypatch, tmp_path):
     monkeypatch.setattr(registry.MODELS, "plugins_loaded", False)
 
 
+# README "What happens when ...": a plugin raises or blocks at import (20 s limit)
 def test_broken_plugins_are_named_and_zoo_list_still_works(broken_plugins):
     result = CliRunner().invoke(app, ["list"])
     assert result.exit_code == 0, result.output
     assert "cvae" in result.output and "misshapen" in result.output
     failed = result.output.split("plugins that failed to load")[1]
-    assert "raising" in failed and "methodless" in failed
+    assert "raising" in failed and "methodless" in failed and "encodeless" in failed
     errors = {plugin.name: plugin.error for plugin in registry.MODELS.all_broken()}
     assert "needs a package that is not installed" in errors["raising"]
     assert "does not implement decode_logits" in errors["methodless"]
+    assert "NoEncoder does not implement encode" in errors["encodeless"]
     assert "registered twice: by zoo" in errors["vae"]  # the clash with the built-in vae
 
 
-def test_check_plugin_names_the_broken_promise(broken_plugins):
-    result = CliRunner().invoke(app, ["check-plugin", "misshapen"])
+# README "What happens when ...": a plugin returns wrong shapes or NaN
+@pytest.mark.parametrize(
+    ("name", "failure"),
+    [("misshapen", "expected (3, 3, 16, 16)"), ("nan", "decode has NaN or Inf")],
+)
+def test_check_plugin_names_the_broken_promise(broken_plugins, name, failure):
+    result = CliRunner().invoke(app, ["check-plugin", name])
     assert result.exit_code == 1
-    assert "expected (3, 3, 16, 16)" in result.output and "FAIL" in result.output
-    assert "misshapen fails" in result.output
+    assert failure in result.output and "FAIL" in result.output
+    assert f"{name} fails" in result.output
 
 
 def test_every_builtin_model_passes_the_conformance_suite():
