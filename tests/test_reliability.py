@@ -105,6 +105,9 @@ def stop_at_random(process: subprocess.Popen, out: Path, after_step: int, rng, h
     """Send ``how`` to a training process at a random moment once it logged past ``after_step``;
     its stdout. The moment falls anywhere in a step: forward, backward, optimizer, log or save."""
     target = after_step + rng.randint(1, 10)
+    # its first line comes once it has trimmed the log of the run it resumes, whose last
+    # records may already be past the target
+    first_line = process.stdout.readline()
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
         runs = list(out.glob("cvae-*"))
@@ -115,7 +118,7 @@ def stop_at_random(process: subprocess.Popen, out: Path, after_step: int, rng, h
     assert process.poll() is None, "training ended before it could be stopped"
     os.kill(process.pid, how)
     stdout, _ = process.communicate(timeout=120)
-    return stdout
+    return first_line + stdout
 
 
 def resume_command(stdout: str) -> list[str]:
@@ -139,7 +142,7 @@ def test_ctrl_c_and_kill_at_random_moments_then_resume_equal_the_uninterrupted_r
     )
     rng = random.Random(12)
     out = tmp_path / "chain"
-    piped = {"env": env, "stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL, "text": True}
+    piped = {"env": env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     process = subprocess.Popen(command(synthetic_faces, out, CHAIN_STEPS, save_every=7), **piped)
     stdout = stop_at_random(process, out, 0, rng, signal.SIGINT)
     assert process.returncode == 130, stdout
