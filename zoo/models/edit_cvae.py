@@ -276,11 +276,13 @@ class FiLMAttrCVAE(EditCVAE):
 @dataclass
 class FiLMAttrCriticCVAEConfig(FiLMAttrCVAEConfig):
     realism_weight: float = 300.0
+    attr_step_min: float = 0.5
 
 
 @register_model("film-attr-critic-cvae")
 class FiLMAttrCriticCVAE(EditCVAE):
-    """The recommended editor: FiLM, the smoothed attribute loss and the edit critic."""
+    """The recommended editor: FiLM, the smoothed attribute loss on partial label steps and
+    the edit critic."""
 
     family = "CVAE + FiLM + AttGAN loss + edit critic"
     config_class = FiLMAttrCriticCVAEConfig
