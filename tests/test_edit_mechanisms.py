@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import zoo
+from zoo.errors import ZooError
 from zoo.latent import edit_by_labels
 from zoo.nets import FiLMGroupNorm
 
@@ -41,21 +42,37 @@ def square_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.contiguous(), y
 
 
+def correlated_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The square task, with attribute 1 a label that comes with the square in 90 % of images
+    (as CelebA's Wearing_Lipstick comes with Male = 0): it has no pixels of its own."""
+    x, y = square_task(n, seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    agree = torch.rand(n, generator=generator) < 0.9
+    y[:, 1] = torch.where(agree, y[:, 0], 1 - y[:, 0])
+    return x, y
+
+
+TASKS = {"square": square_task, "correlated": correlated_task}
+
+
 def ruler(images: torch.Tensor) -> torch.Tensor:
     """1 where the square is there (its pixels are far brighter than any background)."""
     return (images[:, :, SQUARE[0], SQUARE[1]].mean(dim=(1, 2, 3)) > 0.8).float()
 
 
-def trained(name: str, steps: int = 300, **config) -> zoo.GenerativeModel:
-    """The model trained on the square task; tests asking for the same one share it."""
-    return _trained(name, steps, tuple(sorted(config.items())))
+def trained(name: str, steps: int = 300, task: str = "square", **config) -> zoo.GenerativeModel:
+    """The model trained on a task (`square_task` or `correlated_task`); tests asking for the
+    same one share it."""
+    return _trained(name, steps, task, tuple(sorted(config.items())))
 
 
 @functools.cache
-def _trained(name: str, steps: int, config: tuple[tuple[str, object], ...]) -> zoo.GenerativeModel:
+def _trained(
+    name: str, steps: int, task: str, config: tuple[tuple[str, object], ...]
+) -> zoo.GenerativeModel:
     torch.manual_seed(0)
     model = zoo.create_model(name, **TINY, **dict(config))
-    x, y = square_task(512, seed=0)
+    x, y = TASKS[task](512, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(1)
     model.train()
@@ -178,3 +195,41 @@ def test_partial_steps_make_the_decoder_edit_within_part_of_the_label_change():
     partial = trained("attr-cvae", attr_step_min=0.5, **config)
     assert part_step_accuracy(full) < 0.4  # measured 0.20
     assert part_step_accuracy(partial) > 0.8  # measured 0.87
+
+
+def test_a_lighter_loss_on_kept_labels_lets_an_edit_break_a_correlation():
+    """Adding the square while keeping its companion label asks the head for a contradiction;
+    with every label weighted alike the decoder settles for a square the ruler rejects."""
+    x, y = correlated_task(256, seed=3)
+    flipped = y.clone()
+    flipped[:, 0] = 1 - y[:, 0]
+    accuracy = {}
+    for keep in (1.0, 0.1):
+        model = trained(
+            "attr-cvae",
+            steps=600,
+            attr_weight=100.0,
+            head_noise=1.0,
+            attr_keep_weight=keep,
+            task="correlated",
+        )
+        edited = ruler(edit_by_labels(model, x, y, flipped))
+        accuracy[keep] = (edited == flipped[:, 0]).float().mean().item()
+    assert accuracy[1.0] < 0.7, accuracy
+    assert accuracy[0.1] > 0.9, accuracy
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("attr_keep_weight", -0.1),
+        ("attr_keep_weight", 1.5),
+        ("attr_step_min", 0.0),
+        ("attr_flip_prob", 0.0),
+        ("head_noise", -1.0),
+        ("attr_weight", -1.0),
+    ],
+)
+def test_an_edit_field_out_of_range_is_one_line_naming_it(field, value):
+    with pytest.raises(ZooError, match=field):
+        zoo.create_model("edit-cvae", **TINY, **{field: value})

@@ -25,6 +25,10 @@ so any combination is one ``-o`` away:
   [``attr_step_min``, 1] of its label change while the head must still read the whole
   change: the decoder learns to make an edit visible within part of the label step, so
   the full step of a real edit is no longer the bare minimum the head accepts.
+  ``attr_keep_weight`` below 1 weighs the head's disagreement on the labels a swap keeps
+  less than on the ones it flips. Kept labels that come with a flipped one in the data
+  (Wearing_Lipstick and Heavy_Makeup with Male = 0) otherwise ask the head for a
+  contradiction, a man wearing lipstick, and the decoder settles for a half-made edit.
 - ``realism_weight`` (AttGAN's image adversary, aimed at edits only): a critic learns to
   tell decodes with flipped labels from ordinary reconstructions, and the decoder is
   penalised when it can. Reconstructions, not real photographs, are its "real" class, so
@@ -64,6 +68,7 @@ class EditCVAEConfig(ModelConfig):
     attr_weight: float = 0.0
     attr_flip_prob: float = 0.1
     attr_step_min: float = 1.0
+    attr_keep_weight: float = 1.0
     head_noise: float = 0.0
     realism_weight: float = 0.0
 
@@ -79,6 +84,8 @@ class EditCVAEConfig(ModelConfig):
             raise ZooError(f"head_noise must be non-negative, got {self.head_noise}")
         if not 0 < self.attr_flip_prob <= 1:
             raise ZooError(f"attr_flip_prob must be in (0, 1], got {self.attr_flip_prob}")
+        if not 0 <= self.attr_keep_weight <= 1:
+            raise ZooError(f"attr_keep_weight must be in [0, 1], got {self.attr_keep_weight}")
         if not 0 < self.attr_step_min <= 1:
             raise ZooError(f"attr_step_min must be in (0, 1], got {self.attr_step_min}")
 
@@ -92,9 +99,13 @@ def _frozen(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
     return functional_call(module, weights, inputs)
 
 
-def _bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _bce(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Binary cross-entropy summed over attributes, averaged over the batch (like recon/KL)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / len(target)
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), target, weight, reduction="sum"
+    ) / len(target)
 
 
 @register_model("edit-cvae")
@@ -206,7 +217,8 @@ class EditCVAE(CVAE):
         edited = torch.sigmoid(self.decode_logits(z, self.partial_step(y, target)))
         if head is not None:
             head_loss = _bce(head_reading, y)
-            attr = _bce(_frozen(head, self.noisy(edited)), target)
+            kept = torch.where(target == y, c.attr_keep_weight, 1.0)
+            attr = _bce(_frozen(head, self.noisy(edited)), target, kept)
             total = total + head_loss + c.attr_weight * attr
             losses |= {"head": head_loss, "attr": attr}
         if self.critic is not None:
@@ -277,12 +289,13 @@ class FiLMAttrCVAE(EditCVAE):
 class FiLMAttrCriticCVAEConfig(FiLMAttrCVAEConfig):
     realism_weight: float = 300.0
     attr_step_min: float = 0.5
+    attr_keep_weight: float = 0.1
 
 
 @register_model("film-attr-critic-cvae")
 class FiLMAttrCriticCVAE(EditCVAE):
-    """The recommended editor: FiLM, the smoothed attribute loss on partial label steps and
-    the edit critic."""
+    """The recommended editor: FiLM, the smoothed attribute loss on partial label steps with
+    kept labels weighed lightly, and the edit critic."""
 
     family = "CVAE + FiLM + AttGAN loss + edit critic"
     config_class = FiLMAttrCriticCVAEConfig
