@@ -3,9 +3,9 @@
 For every image and every evaluated attribute, flip the attribute (the label swap
 for conditional models, the concept vector for unconditional ones), decode, and
 ask the attribute classifier. Edit accuracy is how often it reads the flipped
-value; preservation is how often the other evaluated attributes keep the value it
-reads on the unedited reconstruction; the pixel distance says how much the image
-had to change. As in AttGAN, setting an attribute also clears the ones CelebA says
+value; preservation is how often the other evaluated attributes (but those the edit
+clears) keep the value it reads on the unedited reconstruction; the pixel distance says how
+much the image had to change. As in AttGAN, setting an attribute also clears the ones CelebA says
 cannot hold with it (another hair colour, No_Beard for Mustache, ...), and the
 label change can be scaled by an edit intensity.
 
@@ -117,12 +117,18 @@ def score_edits(
     names: list[str],
     images: torch.Tensor,
     labels: torch.Tensor | None,
-    flipped: torch.Tensor,
+    truth: torch.Tensor,
     vectors: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """Per attribute: summed (edit success, preservation, pixel L1) over one batch of images."""
+    """Per attribute: summed (edit success, preservation, pixel L1) over one batch of images.
+
+    ``truth`` holds the data's labels of ``names``. Preservation is read over the other
+    attributes the edit keeps: one that setting the attribute clears (Black_Hair when a face
+    is made blond) is meant to change, so it does not count against the edit.
+    """
     model, settings = context.model, context.settings
-    column = {name: classifier.attr_names.index(name) for name in names}
+    columns = [classifier.attr_names.index(name) for name in names]
+    flipped = 1.0 - truth
     z = encode_means(model, images, labels)
     reconstruction = decode(model, z, labels)
     before = classifier.predict(reconstruction)
@@ -137,10 +143,12 @@ def score_edits(
             direction = (2 * flipped[:, i] - 1)[:, None] * scale * vectors[name]
             edited = decode(model, z + direction, None)
         after = classifier.predict(edited)
-        others = [column[other] for other in names if other != name]
-        sums[i, 0] = (after[:, column[name]] == flipped[:, i]).sum()
-        if others:
-            sums[i, 1] = (after[:, others] == before[:, others]).float().mean(dim=1).sum()
+        kept = with_attribute(truth, name, flipped[:, i], names) == truth
+        kept[:, i] = False
+        unchanged = (after[:, columns] == before[:, columns]) & kept
+        sums[i, 0] = (after[:, columns[i]] == flipped[:, i]).sum()
+        if len(names) > 1:
+            sums[i, 1] = (unchanged.sum(dim=1) / kept.sum(dim=1).clamp(min=1)).sum()
         sums[i, 2] = (edited - reconstruction).abs().mean(dim=(1, 2, 3)).sum()
     return sums
 
@@ -167,8 +175,9 @@ class EditAccuracy(Metric):
         description = f"{model.model_name}: editing {len(names)} attributes"
         with image_progress(description, context.count, context.settings.progress) as advance:
             for index, images, labels in context.batches():
-                flipped = 1.0 - targets[index]
-                totals += score_edits(context, classifier, names, images, labels, flipped, vectors)
+                totals += score_edits(
+                    context, classifier, names, images, labels, targets[index], vectors
+                )
                 advance(len(index))
         means = totals / context.count
         per_attribute = {
