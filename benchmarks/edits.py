@@ -3,11 +3,11 @@
 For every image and every evaluated attribute, flip the attribute (the label swap
 for conditional models, the concept vector for unconditional ones), decode, and
 ask the attribute classifier. Edit accuracy is how often it reads the flipped
-value; preservation is how often the other evaluated attributes (but those the edit
-clears) keep the value it reads on the unedited reconstruction; the pixel distance says how
-much the image had to change. As in AttGAN, setting an attribute also clears the ones CelebA says
-cannot hold with it (another hair colour, No_Beard for Mustache, ...), and the
-label change can be scaled by an edit intensity.
+value; preservation is how often the other evaluated attributes, except those the edit
+clears, keep the value it reads on the unedited reconstruction; the pixel distance says how
+much the image had to change. As in AttGAN, setting an attribute also clears the ones CelebA
+says cannot hold with it (another hair colour, No_Beard for Mustache, ...), and the label
+change can be scaled by an edit intensity.
 
 The classifier's own balanced accuracy on the same split is reported beside every
 attribute, and the mean edit accuracy is given twice: over all edited attributes,

@@ -215,8 +215,8 @@ def test_a_lighter_loss_on_kept_labels_lets_an_edit_break_a_correlation():
         )
         edited = ruler(edit_by_labels(model, x, y, flipped))
         accuracy[keep] = (edited == flipped[:, 0]).float().mean().item()
-    assert accuracy[1.0] < 0.7, accuracy
-    assert accuracy[0.1] > 0.9, accuracy
+    assert accuracy[1.0] < 0.7, accuracy  # measured 0.53
+    assert accuracy[0.1] > 0.9, accuracy  # measured 1.00
 
 
 @pytest.mark.parametrize(
