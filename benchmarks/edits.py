@@ -147,8 +147,7 @@ def score_edits(
         kept[:, i] = False
         unchanged = (after[:, columns] == before[:, columns]) & kept
         sums[i, 0] = (after[:, columns[i]] == flipped[:, i]).sum()
-        if len(names) > 1:
-            sums[i, 1] = (unchanged.sum(dim=1) / kept.sum(dim=1).clamp(min=1)).sum()
+        sums[i, 1] = (unchanged.sum(dim=1) / kept.sum(dim=1).clamp(min=1)).sum()
         sums[i, 2] = (edited - reconstruction).abs().mean(dim=(1, 2, 3)).sum()
     return sums
 

@@ -217,8 +217,8 @@ class EditCVAE(CVAE):
         edited = torch.sigmoid(self.decode_logits(z, self.partial_step(y, target)))
         if head is not None:
             head_loss = _bce(head_reading, y)
-            kept = torch.where(target == y, c.attr_keep_weight, 1.0)
-            attr = _bce(_frozen(head, self.noisy(edited)), target, kept)
+            label_weight = torch.where(target == y, c.attr_keep_weight, 1.0)
+            attr = _bce(_frozen(head, self.noisy(edited)), target, label_weight)
             total = total + head_loss + c.attr_weight * attr
             losses |= {"head": head_loss, "attr": attr}
         if self.critic is not None:
