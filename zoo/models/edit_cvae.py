@@ -306,14 +306,15 @@ class FiLMAttrCVAE(EditCVAE):
 @dataclass
 class FiLMAttrCriticCVAEConfig(FiLMAttrCVAEConfig):
     realism_weight: float = 300.0
+    critic_patch: int = 3
     attr_step_min: float = 0.5
-    attr_keep_weight: float = 0.1
+    attr_keep_weight: float = 0.25
 
 
 @register_model("film-attr-critic-cvae")
 class FiLMAttrCriticCVAE(EditCVAE):
     """The recommended editor: FiLM, the smoothed attribute loss on partial label steps with
-    kept labels weighed lightly, and the edit critic."""
+    kept labels weighed lightly, and a patch critic."""
 
-    family = "CVAE + FiLM + AttGAN loss + edit critic"
+    family = "CVAE + FiLM + AttGAN loss + patch critic"
     config_class = FiLMAttrCriticCVAEConfig
