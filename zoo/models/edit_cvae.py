@@ -35,10 +35,11 @@ so any combination is one ``-o`` away:
   it does not fight the VAE's blur; it can only learn what an edit adds that no
   reconstruction has, which is the blotches an attribute loss alone paints.
   ``critic_patch`` = k > 0 makes it judge patches instead (PatchGAN, Isola et al. 2017): k
-  stride-2 stages and a 1 x 1 convolution, one verdict per cell of the map, each cell
-  seeing 10, 22 or 46 pixels for k = 2, 3, 4. Blotches are local, so it still sees them,
-  but a whole-image critic also learns that no reconstruction is a man with lipstick and
-  fights exactly the edits that break the data's correlations.
+  stride-2 stages (all of them on an image too small for k) and a 1 x 1 convolution, one
+  verdict per cell of the map, each cell seeing 10, 22 or 46 pixels for k = 2, 3, 4.
+  Blotches are local, so it still sees them, but a whole-image critic also learns that no
+  reconstruction is a man with lipstick and fights exactly the edits that break the data's
+  correlations.
 
 The discriminator, the head and the critic are parameters of the model, so they are saved
 and resumed with it, but `encode`, `decode` and `generate` never call them. Each trains only
@@ -58,7 +59,7 @@ from torch.func import functional_call
 from zoo.errors import ZooError
 from zoo.model import ModelConfig, Posterior
 from zoo.models.cvae import CVAE
-from zoo.nets import ConvEncoder, stage_channels
+from zoo.nets import ConvEncoder
 from zoo.registry import register_model
 
 
@@ -94,12 +95,8 @@ class EditCVAEConfig(ModelConfig):
             raise ZooError(f"attr_keep_weight must be in [0, 1], got {self.attr_keep_weight}")
         if not 0 < self.attr_step_min <= 1:
             raise ZooError(f"attr_step_min must be in (0, 1], got {self.attr_step_min}")
-        stages = len(stage_channels(self.image_size, self.base_channels, self.max_channels))
-        if not 0 <= self.critic_patch <= stages:
-            raise ZooError(
-                f"critic_patch must be 0 (whole image) to {stages} (the encoder's stages at "
-                f"{self.image_size} px), got {self.critic_patch}"
-            )
+        if self.critic_patch < 0:
+            raise ZooError(f"critic_patch must be 0 (whole image) or more, got {self.critic_patch}")
 
 
 Losses = dict[str, torch.Tensor]
@@ -153,11 +150,10 @@ class EditCVAE(CVAE):
         self.critic = None
         if c.realism_weight > 0:
             encoder = ConvEncoder(c.channels, c.image_size, c.base_channels, c.max_channels)
-            if c.critic_patch:
-                width = encoder.stages[3 * c.critic_patch - 2].num_channels
-                self.critic = nn.Sequential(
-                    *encoder.stages[: 3 * c.critic_patch], nn.Conv2d(width, 1, 1)
-                )
+            if c.critic_patch:  # an image too small for that many stages uses all it has
+                stages = min(c.critic_patch, len(encoder.stages) // 3)
+                width = encoder.stages[3 * stages - 2].num_channels
+                self.critic = nn.Sequential(*encoder.stages[: 3 * stages], nn.Conv2d(width, 1, 1))
             else:
                 self.critic = nn.Sequential(encoder, nn.Linear(encoder.out_features, 1))
 
