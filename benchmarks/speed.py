@@ -5,8 +5,12 @@ batch 64, on this machine:
 
 - ``pipeline``: end-to-end img/s over a whole epoch of ``zoo train cvae`` (prepared uint8
   cache, flips on tensors, default precision) against a plain PyTorch pipeline with the same
-  model: a Dataset that opens each JPEG with PIL and applies torchvision transforms (centre
-  crop 148, resize 64, random flip) through a DataLoader, fp32.
+  model: a Dataset that opens each JPEG with PIL and applies PyTorch-VAE's published
+  transforms (random flip, centre crop 148, resize 64, to tensor) through a DataLoader, fp32.
+- ``peer`` (with ``--peer pytorch-vae --peer-src DIR``): one epoch of PyTorch-VAE's own
+  ``ConditionalVAE``, imported unmodified from DIR, in that same published pipeline (Adam
+  lr 0.005, batch 64, KL weight 0.00025, 2 DataLoader workers, fp32), then one epoch of
+  ``zoo train cvae`` with its defaults, in the same process, and the ratio of the two.
 - ``precision``: training-step img/s in fp32 and bf16 autocast, and both loss curves from the
   same initial weights and batches.
 - ``flops``: FLOPs per image of a training step (torch.utils.flop_counter) and the achieved
@@ -20,13 +24,15 @@ Nothing here is a pass/fail test: the numbers go in the README and the issue not
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,8 @@ from torchvision.transforms import v2
 import zoo
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.data.celeba import IMAGE_DIR, SPLIT_CODES, read_labels
-from zoo.device import autocast, pick_device, resolve_precision
+from zoo.device import autocast, cpu_name, pick_device, resolve_precision
+from zoo.errors import ZooError
 from zoo.train import Trainer, TrainSettings
 
 BATCH = 64
@@ -98,11 +105,11 @@ class PlainCelebA(Dataset):
         rows = [i for i, code in enumerate(labels.partition) if code == SPLIT_CODES[split]]
         self.paths = [root / IMAGE_DIR / labels.filenames[i] for i in rows]
         self.attrs = torch.from_numpy(labels.signs[rows] > 0).float()
-        self.transform = v2.Compose(
+        self.transform = v2.Compose(  # PyTorch-VAE's published list, in its order
             [
+                v2.RandomHorizontalFlip(),
                 v2.CenterCrop(148),
                 v2.Resize(SIZE, antialias=True),
-                v2.RandomHorizontalFlip(),
                 v2.ToImage(),
                 v2.ToDtype(torch.float32, scale=True),
             ]
@@ -127,6 +134,76 @@ def plain_epoch(root: Path, device: torch.device, workers: int) -> float:
         step(x.to(device), y.to(device))
         images += x.shape[0]
     return images / (time.perf_counter() - start)
+
+
+PEERS = {"pytorch-vae": "https://github.com/AntixK/PyTorch-VAE"}
+PEER_WORKERS = 2
+
+
+def peer_model_class(name: str, source: Path | None) -> type[torch.nn.Module]:
+    """PyTorch-VAE's ``ConditionalVAE``, imported from its own folder (never copied into zoo)."""
+    model_file = None if source is None else source / "models" / "cvae.py"
+    if model_file is None or not model_file.is_file():
+        where = "no --peer-src given" if source is None else f"{model_file} does not exist"
+        raise ZooError(
+            f"{where}; clone {PEERS[name]} and pass its folder as --peer-src "
+            f"(it needs models/base.py, models/types_.py and models/cvae.py)"
+        )
+    # the peer imports itself as the top-level package `models`: give it that name only while
+    # importing, so neither another `models` on the path nor an earlier peer gets in the way
+    shadowed = {key: sys.modules.pop(key) for key in list(sys.modules) if _is_models(key)}
+    sys.path.insert(0, str(source.resolve()))
+    try:
+        return importlib.import_module("models.cvae").ConditionalVAE
+    except Exception as error:  # its code, its failure: one line, not a traceback
+        raise ZooError(f"could not import ConditionalVAE from {model_file}: {error}") from None
+    finally:
+        sys.path.remove(str(source.resolve()))
+        for key in [key for key in sys.modules if _is_models(key)]:
+            del sys.modules[key]
+        sys.modules.update(shadowed)
+
+
+def _is_models(module_name: str) -> bool:
+    return module_name == "models" or module_name.startswith("models.")
+
+
+def peer_epoch(root: Path, device: torch.device, model_class: type[torch.nn.Module]) -> float:
+    """One epoch of the peer as published: its model, transforms, optimizer and loss."""
+    dataset = PlainCelebA(root, "train")
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=PEER_WORKERS)
+    torch.manual_seed(0)
+    model = model_class(in_channels=3, num_classes=dataset.attrs.shape[1], latent_dim=128)
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.005, weight_decay=0.0)
+    start, images = time.perf_counter(), 0
+    for x, y in loader:
+        outputs = model(x.to(device), labels=y.to(device))
+        loss = model.loss_function(*outputs, M_N=0.00025)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        images += x.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - start)
+
+
+def measure_peer(
+    data: str | None, device: torch.device, name: str, source: Path | None
+) -> dict[str, Any]:
+    model_class = peer_model_class(name, source)
+    _, root = resolve_source(data)
+    peer = peer_epoch(root, device, model_class)
+    ours, precision = ours_epoch(data, str(device))
+    return {
+        "peer": name,
+        "peer_img_per_s": peer,
+        "peer_workers": PEER_WORKERS,
+        "ours_img_per_s": ours,
+        "ours_precision": precision,
+        "speedup_vs_peer": ours / peer,
+    }
 
 
 def ours_epoch(data: str | None, device: str) -> tuple[float, str]:
@@ -210,29 +287,197 @@ def measure_flops(data: ImageData, device: torch.device, rates: dict[str, Any]) 
     return result
 
 
-def measure_compile(data: ImageData, device: torch.device, precision: str) -> dict[str, Any]:
-    x, y = batches(data, device, 1)[0]
-    eager = step_function(make_model(len(data.attr_names), device), device, precision)
-    model = make_model(len(data.attr_names), device)
-    compiled_model = torch.compile(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+# -- step variants and profile -------------------------------------------------------------------
 
-    def compiled() -> None:
+
+@contextlib.contextmanager
+def group_norm_in_fp32() -> Iterator[None]:
+    """Run every GroupNorm in fp32 (cast in and back out), to time it against bf16."""
+    original = torch.nn.GroupNorm.forward
+
+    def forward(self: torch.nn.GroupNorm, h: torch.Tensor) -> torch.Tensor:
+        return original(self, h.float()).to(h.dtype)
+
+    torch.nn.GroupNorm.forward = forward
+    try:
+        yield
+    finally:
+        torch.nn.GroupNorm.forward = original
+
+
+def variant_step(
+    data: ImageData,
+    device: torch.device,
+    precision: str,
+    *,
+    channels_last: bool = False,
+    health: bool = True,
+    fused_adam: bool = False,
+    compile_mode: str | None = None,
+) -> Callable[[], None]:
+    """The trainer's step (autocast, backward, finiteness check, Adam) with one thing changed."""
+    x, y = batches(data, device, 1)[0]
+    model = make_model(len(data.attr_names), device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    trainable = torch.compile(model, mode=compile_mode) if compile_mode else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
+
+    def step() -> None:
         with autocast(device, precision):
-            loss = compiled_model(x, y)["loss"]
+            loss = trainable(x, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if health:  # the trainer's one host sync per step
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            bool(torch.isfinite(torch.stack([loss.detach().float(), norm])).all())
         optimizer.step()
 
-    start = time.perf_counter()
-    compiled()
-    compile_seconds = time.perf_counter() - start
+    return step
+
+
+def measure_variants(data: ImageData, device: torch.device, precision: str) -> dict[str, Any]:
+    """Train-step img/s of the default step and of each candidate change, one at a time."""
+    threads = torch.get_num_threads()
+    result: dict[str, Any] = {"precision": precision, "threads": threads}
+    candidates: dict[str, dict[str, Any]] = {
+        "default": {},
+        "channels_last": {"channels_last": True},
+        "no finiteness check": {"health": False},
+        "fused Adam": {"fused_adam": True},
+    }
+    for name, options in candidates.items():
+        result[name] = median_rate(variant_step(data, device, precision, **options), device, 5, 15)
+    with group_norm_in_fp32():
+        result["GroupNorm in fp32"] = median_rate(
+            variant_step(data, device, precision), device, 5, 15
+        )
+    for count in sorted({1, threads, 2 * threads}):
+        torch.set_num_threads(count)
+        try:
+            result[f"{count} threads"] = median_rate(
+                variant_step(data, device, precision), device, 5, 15
+            )
+        finally:
+            torch.set_num_threads(threads)
+    return result
+
+
+def measure_layers(device: torch.device, precision: str, attributes: int) -> list[dict[str, Any]]:
+    """Forward and backward time of each convolution of the cvae at batch 64, with its input
+    and weights contiguous and in channels_last: which layers the memory format helps."""
+    model = make_model(attributes, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    inputs: dict[str, tuple[torch.nn.Module, torch.Size]] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: Any) -> None:
+            inputs.setdefault(name, (module, args[0].shape))
+
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record(name))
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+    ]
+    x = torch.rand(BATCH, 3, SIZE, SIZE, device=device)
+    model.loss(x, (torch.rand(BATCH, attributes, device=device) < 0.5).float())
+    for hook in hooks:
+        hook.remove()
+    rows = []
+    for name, (module, shape) in inputs.items():
+        row: dict[str, Any] = {"layer": name, "kind": type(module).__name__, "input": list(shape)}
+        for layout in (torch.contiguous_format, torch.channels_last):
+            layer = module.to(dtype=dtype, memory_format=layout)
+            h = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout)
+            h.requires_grad_()
+
+            def step(layer: torch.nn.Module = layer, h: torch.Tensor = h) -> None:
+                layer(h).float().sum().backward()
+
+            row[str(layout).removeprefix("torch.")] = BATCH / median_rate(step, device, 2, 5)
+        rows.append(row)
+    return rows
+
+
+def measure_epoch_overheads(data_arg: str | None, device: torch.device) -> dict[str, float]:
+    """Seconds the trainer spends once per epoch outside the steps: the sample grid and the
+    checkpoint save (fastest of three each)."""
+    with tempfile.TemporaryDirectory() as out:
+        settings = TrainSettings(model="cvae", data=data_arg, device=str(device), out=out)
+        trainer = Trainer(settings, progress=False)
+        result = {}
+        for name, work in (("sample_grid_s", trainer.write_samples), ("save_s", trainer.save)):
+            seconds = []
+            for _ in range(3):
+                start = time.perf_counter()
+                work()
+                seconds.append(time.perf_counter() - start)
+            result[name] = min(seconds)
+    return result
+
+
+def measure_profile(data: ImageData, device: torch.device, precision: str) -> dict[str, Any]:
+    """The default train step's top operators by self time (torch.profiler), over 10 steps."""
+    step = variant_step(data, device, precision)
+    for _ in range(5):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
+        for _ in range(10):
+            step()
+
+    def by_self_time(events: Any) -> list[Any]:
+        return sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)
+
+    events = by_self_time(profiler.key_averages())
+    total = sum(event.self_cpu_time_total for event in events)
+
+    def row(event: Any, shapes: bool = False) -> dict[str, Any]:
+        return {
+            "op": event.key,
+            "shapes": str(event.input_shapes[:2]) if shapes else "",
+            "self_ms_per_step": event.self_cpu_time_total / 1e3 / 10,
+            "share": event.self_cpu_time_total / total,
+            "calls_per_step": event.count / 10,
+        }
+
+    by_shape = by_self_time(profiler.key_averages(group_by_input_shape=True))
+    convolutions = [event for event in by_shape if "convolution" in event.key]
     return {
         "precision": precision,
-        "eager_img_per_s": median_rate(lambda: eager(x, y), device, 8, 10),
-        "compiled_img_per_s": median_rate(compiled, device, 8, 10),
-        "compile_seconds": compile_seconds,
+        "top_ops": [row(event) for event in events[:12]],
+        "top_convolutions": [row(event, shapes=True) for event in convolutions[:8]],
     }
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def measure_compile(data: ImageData, device: torch.device, precision: str) -> dict[str, Any]:
+    """torch.compile's steady rate, its compile time, and the rate over a default `zoo train`
+    run on this data (10 epochs) once the compile time is paid."""
+    run_steps = TrainSettings(model="cvae").epochs * -(-len(data) // BATCH)
+    eager = median_rate(variant_step(data, device, precision), device, 5, 15)
+    result: dict[str, Any] = {"precision": precision, "eager_img_per_s": eager}
+    for mode in COMPILE_MODES:
+        step = variant_step(data, device, precision, compile_mode=mode)
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+        rate = median_rate(step, device, 5, 15)
+        result[mode] = {
+            "compile_seconds": seconds,
+            "img_per_s": rate,
+            "run_steps": run_steps,
+            "amortised_img_per_s": run_steps * BATCH / (seconds + run_steps * BATCH / rate),
+        }
+    return result
 
 
 # -- ddp -----------------------------------------------------------------------------------------
@@ -269,26 +514,61 @@ def measure_ddp(data: str | None, steps: int) -> dict[str, Any]:
 # -- report --------------------------------------------------------------------------------------
 
 
+def cpu_features() -> list[str]:
+    """The CPU flags that decide bf16 speed (native bf16 dot products, AMX tiles)."""
+    wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.partition(":")[2].split())
+                return [flag for flag in wanted if flag in flags]
+    except OSError:
+        pass
+    return []
+
+
+PARTS = ("pipeline", "precision", "flops", "compile", "variants", "profile", "layers", "ddp")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    try:
+        return run(argv)
+    except ZooError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="CelebA folder (default: zoo's resolution)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--only", default="pipeline,precision,flops,compile,ddp")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated parts of {','.join(PARTS)},peer"
+    )
+    parser.add_argument("--peer", choices=sorted(PEERS), default=None, help="compare with a peer")
+    parser.add_argument("--peer-src", type=Path, default=None, help="the peer's source folder")
     parser.add_argument("--curve-steps", type=int, default=60)
     parser.add_argument("--ddp-steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     args = parser.parse_args(argv)
-    parts = set(args.only.split(","))
+    parts = set(args.only.split(",")) if args.only else {"peer"} if args.peer else set(PARTS)
     device = pick_device(args.device)
     data = load_data(args.data, "train", SIZE)
     results: dict[str, Any] = {
         "device": str(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "cpu_features": cpu_features(),
+        "auto_precision": resolve_precision(device, "auto"),
         "data": data.root,
+        "data_images": len(data),
         "batch_size": BATCH,
         "image_size": SIZE,
     }
+    if "peer" in parts:
+        peer = args.peer or "pytorch-vae"
+        results["peer"] = measure_peer(args.data, device, peer, args.peer_src)
     if "pipeline" in parts:
         results["pipeline"] = measure_pipeline(args.data, device)
     if parts & {"precision", "flops"}:
@@ -297,6 +577,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["flops"] = measure_flops(data, device, results["precision"])
     if "compile" in parts:
         results["compile"] = measure_compile(data, device, resolve_precision(device, "auto"))
+    auto = results["auto_precision"]
+    if "variants" in parts:
+        results["variants"] = measure_variants(data, device, auto)
+        results["overheads"] = measure_epoch_overheads(args.data, device)
+    if "profile" in parts:
+        results["profile"] = measure_profile(data, device, auto)
+    if "layers" in parts:
+        results["layers"] = measure_layers(device, auto, len(data.attr_names))
     if "ddp" in parts:
         results["ddp"] = measure_ddp(args.data, args.ddp_steps)
     report(results)
@@ -306,10 +594,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    table = Table(title=f"zoo speed: cvae {SIZE}px batch {BATCH} on {results['device']}")
+    table = Table(
+        title=f"zoo speed: cvae {SIZE}px batch {BATCH} on {results['device']}, "
+        f"{results['cpu']} ({' '.join(results['cpu_features']) or 'no bf16/AMX flags'}), "
+        f"{results['threads']} threads, torch {results['torch']}, auto precision "
+        f"{results['auto_precision']}"
+    )
     table.add_column("measurement")
     table.add_column("value", justify="right")
     rows: list[tuple[str, str]] = []
+    if "peer" in results:
+        p = results["peer"]
+        rows += [
+            (
+                f"{p['peer']} ConditionalVAE epoch (fp32, {p['peer_workers']} workers)",
+                f"{p['peer_img_per_s']:.0f} img/s",
+            ),
+            (f"zoo train cvae epoch ({p['ours_precision']})", f"{p['ours_img_per_s']:.0f} img/s"),
+            ("zoo / peer", f"{p['speedup_vs_peer']:.2f}x"),
+        ]
     if "pipeline" in results:
         p = results["pipeline"]
         rows += [
@@ -348,11 +651,38 @@ def report(results: dict[str, Any]) -> None:
             )
     if "compile" in results:
         c = results["compile"]
-        rows += [
-            (f"eager step ({c['precision']})", f"{c['eager_img_per_s']:.0f} img/s"),
-            (f"compiled step ({c['precision']})", f"{c['compiled_img_per_s']:.0f} img/s"),
-            ("compile time", f"{c['compile_seconds']:.0f} s"),
-        ]
+        rows.append((f"eager step ({c['precision']})", f"{c['eager_img_per_s']:.0f} img/s"))
+        for mode in COMPILE_MODES:
+            m = c[mode]
+            rows.append(
+                (
+                    f"torch.compile mode {mode}: step / over a {m['run_steps']}-step run",
+                    f"{m['img_per_s']:.0f} / {m['amortised_img_per_s']:.0f} img/s "
+                    f"(compiles in {m['compile_seconds']:.0f} s)",
+                )
+            )
+    if "variants" in results:
+        v = results["variants"]
+        base = v["default"]
+        for name, rate in v.items():
+            if isinstance(rate, float):
+                rows.append(
+                    (
+                        f"train step ({v['precision']}): {name}",
+                        f"{rate:.0f} img/s ({rate / base:.2f}x)",
+                    )
+                )
+    if "overheads" in results:
+        o = results["overheads"]
+        epoch = results["data_images"] / results["variants"]["default"]
+        share = (o["sample_grid_s"] + o["save_s"]) / epoch
+        rows.append(
+            (
+                "once per epoch: sample grid + checkpoint save",
+                f"{o['sample_grid_s']:.2f} s + {o['save_s']:.2f} s "
+                f"({100 * share:.1f}% of an epoch)",
+            )
+        )
     if "ddp" in results:
         d = results["ddp"]
         rows += [
@@ -362,6 +692,33 @@ def report(results: dict[str, Any]) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    if "profile" in results:
+        profile = Table(
+            title=f"top ops of the default train step ({results['profile']['precision']})"
+        )
+        for column in ("op", "ms per step", "share", "calls per step"):
+            profile.add_column(column, justify="left" if column == "op" else "right")
+        ops = results["profile"]["top_ops"] + results["profile"]["top_convolutions"]
+        for op in ops:
+            profile.add_row(
+                f"{op['op']} {op['shapes']}".strip(),
+                f"{op['self_ms_per_step']:.1f}",
+                f"{100 * op['share']:.0f}%",
+                f"{op['calls_per_step']:.0f}",
+            )
+        console.print(profile)
+    if "layers" in results:
+        layers = Table(title=f"convolutions, forward + backward at batch {BATCH}")
+        for column in ("layer", "input", "contiguous ms", "channels_last ms"):
+            layers.add_column(column, justify="left" if column == "layer" else "right")
+        for row in results["layers"]:
+            layers.add_row(
+                f"{row['layer']} ({row['kind']})",
+                "x".join(map(str, row["input"])),
+                f"{1e3 * row['contiguous_format']:.1f}",
+                f"{1e3 * row['channels_last']:.1f}",
+            )
+        console.print(layers)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""The speed benchmark's peer comparison runs the peer's own code, and says what is missing.
+
+No test here asserts a speed: `python -m benchmarks.speed` prints the numbers. A stand-in
+peer with PyTorch-VAE's interface (``models/cvae.py`` defining ``ConditionalVAE``) counts
+the images it trains on, so a harness that skipped the peer, trained it on part of the epoch,
+or imported some other ``models`` package would fail here.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import speed
+
+STAND_IN = """
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SEEN = Path(__file__).with_name("seen.txt")
+
+
+class ConditionalVAE(nn.Module):
+    def __init__(self, in_channels, num_classes, latent_dim, img_size=64, **kwargs):
+        super().__init__()
+        self.net = nn.Linear(in_channels * img_size * img_size + num_classes, 2 * latent_dim)
+        self.out = nn.Linear(latent_dim, in_channels * img_size * img_size)
+
+    def forward(self, x, **kwargs):
+        with SEEN.open("a") as seen:
+            seen.write(f"{x.shape[0]}\\n")
+        h = self.net(torch.cat([x.flatten(1), kwargs["labels"].float()], dim=1))
+        mu, log_var = h.chunk(2, dim=1)
+        return [self.out(mu).view_as(x), x, mu, log_var]
+
+    def loss_function(self, *args, **kwargs):
+        recons, x, mu, log_var = args
+        kld = torch.mean(-0.5 * torch.sum(1 + log_var - mu**2 - log_var.exp(), dim=1))
+        return {"loss": ((recons - x) ** 2).mean() + kwargs["M_N"] * kld}
+"""
+
+
+def stand_in_peer(folder: Path) -> Path:
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "__init__.py").write_text("")
+    (folder / "models" / "cvae.py").write_text(STAND_IN)
+    return folder
+
+
+def test_the_peer_trains_one_whole_epoch_and_zoo_one_after_it(make_celeba, tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "PEER_WORKERS", 0)  # a 4-image epoch: workers only add startup
+    data = make_celeba(partition=(0, 0, 0, 0, 0, 1))
+    sys.modules["models"] = type(sys)("models")  # some other package called `models`
+    try:
+        peer_class = speed.peer_model_class("pytorch-vae", stand_in_peer(tmp_path / "peer"))
+        cpu = speed.pick_device("cpu")
+        result = speed.measure_peer(str(data), cpu, "pytorch-vae", tmp_path / "peer")
+        assert sys.modules["models"].__name__ == "models"  # the other package is back
+        assert not hasattr(sys.modules["models"], "cvae")
+    finally:
+        del sys.modules["models"]
+    assert peer_class.__module__ == "models.cvae"
+    seen = (tmp_path / "peer" / "models" / "seen.txt").read_text().split()
+    assert sum(map(int, seen)) == 5  # the whole train split, once
+    peer = result["peer_img_per_s"]
+    assert peer > 0 and result["ours_img_per_s"] > 0
+    assert result["speedup_vs_peer"] == pytest.approx(result["ours_img_per_s"] / peer)
+
+
+def test_without_the_peer_source_it_says_what_to_fetch(make_celeba, tmp_path, capsys):
+    data = make_celeba()
+    with pytest.raises(SystemExit) as stop:
+        speed.main(["--peer", "pytorch-vae", "--data", str(data)])
+    assert stop.value.code == 1
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1
+    assert "--peer-src" in out and "AntixK/PyTorch-VAE" in out
+    with pytest.raises(SystemExit):
+        speed.main(["--peer", "pytorch-vae", "--data", str(data), "--peer-src", str(tmp_path)])
+    assert f"{tmp_path / 'models' / 'cvae.py'} does not exist" in capsys.readouterr().out
