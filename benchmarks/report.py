@@ -51,8 +51,16 @@ def markdown(report: BenchReport) -> str:
         for result in report.results
         for figure in result.figure_paths
     ]
+    timings = [
+        f"- {result.info.model_name} ({result.checkpoint.parent.name}): "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.wall_time_s.items())
+        for result in report.results
+        if result.wall_time_s
+    ]
     if data_notes:
         lines += ["", "## Not the training data", "", *data_notes]
+    if timings:
+        lines += ["", "## Wall time per metric", "", *timings]
     if figures:
         lines += ["", "## Pictures", "", *figures]
     if errors:

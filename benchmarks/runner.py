@@ -57,6 +57,7 @@ class ModelResult:
     headline: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     data_used: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric
+    wall_time_s: dict[str, float] = field(default_factory=dict)  # per metric, failed ones too
     data_note: str | None = None  # set when the data measured on is not the training data
     figures: list[tuple[str, Figure]] = field(default_factory=list)
     figure_paths: list[str] = field(default_factory=list)  # filled when the report is written
@@ -72,6 +73,7 @@ class ModelResult:
             "metrics": self.metrics,
             "errors": self.errors,
             "data_used": self.data_used,
+            "wall_time_s": self.wall_time_s,
             "data_note": self.data_note,
             "figures": self.figure_paths,
         }
@@ -149,9 +151,8 @@ def run_bench(
             except BaseException as error:  # a metric, built-in or plugin, may raise anything
                 result.metrics.pop(name, None)
                 result.errors[name] = failure_text(error)
-            log.info(
-                "%s: %s took %.1f s", result.info.model_name, name, time.perf_counter() - started
-            )
+            result.wall_time_s[name] = round(time.perf_counter() - started, 2)
+            log.info("%s: %s took %.1f s", result.info.model_name, name, result.wall_time_s[name])
     return BenchReport(settings, str(device), metric_names, results)
 
 

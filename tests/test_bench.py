@@ -378,6 +378,9 @@ def test_report_schema(runs, no_fid_weights):
     assert 0 <= edit["mean"]["accuracy"] <= 1 and "balanced_accuracy" in edit["classifier"]
     assert vae["metrics"]["edit"]["method"].startswith("concept vector")
     assert (Path(vae["checkpoint"]).parent / "concepts" / "Smiling.safetensors").is_file()
+    # each metric's own wall time, so a slow one is visible
+    assert list(cvae["wall_time_s"]) == ["recon", "throughput", "fid", "edit"]
+    assert all(seconds > 0 for seconds in cvae["wall_time_s"].values())
 
 
 # README "What happens when ...": the FID Inception weights are not on disk
@@ -408,6 +411,7 @@ def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
     [picture] = cvae["figures"]
     assert Path(picture).is_file() and Path(picture).parent == tmp_path
     assert Path(picture).name in out.with_suffix(".md").read_text() and not vae["figures"]
+    assert "## Wall time per metric" in out.with_suffix(".md").read_text()
 
     # the standard FID needs weights this machine does not have: said, others still reported
     result = CliRunner().invoke(
