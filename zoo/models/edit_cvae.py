@@ -59,7 +59,7 @@ from torch.func import functional_call
 from zoo.errors import ZooError
 from zoo.model import ModelConfig, Posterior
 from zoo.models.cvae import CVAE
-from zoo.nets import ConvEncoder
+from zoo.nets import ConvEncoder, stage_channels
 from zoo.registry import register_model
 
 
@@ -151,9 +151,11 @@ class EditCVAE(CVAE):
         if c.realism_weight > 0:
             encoder = ConvEncoder(c.channels, c.image_size, c.base_channels, c.max_channels)
             if c.critic_patch:  # an image too small for that many stages uses all it has
-                stages = min(c.critic_patch, len(encoder.stages) // 3)
-                width = encoder.stages[3 * stages - 2].num_channels
-                self.critic = nn.Sequential(*encoder.stages[: 3 * stages], nn.Conv2d(width, 1, 1))
+                widths = stage_channels(c.image_size, c.base_channels, c.max_channels)
+                stages = min(c.critic_patch, len(widths))
+                self.critic = nn.Sequential(
+                    *encoder.stages[: 3 * stages], nn.Conv2d(widths[stages - 1], 1, 1)
+                )
             else:
                 self.critic = nn.Sequential(encoder, nn.Linear(encoder.out_features, 1))
 
