@@ -62,16 +62,28 @@ def make_model(attributes: int, device: torch.device) -> zoo.GenerativeModel:
 
 
 def step_function(
-    model: zoo.GenerativeModel, device: torch.device, precision: str
+    model: zoo.GenerativeModel,
+    device: torch.device,
+    precision: str,
+    *,
+    health: bool = False,
+    fused_adam: bool = False,
+    compile_mode: str | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One Adam step of `model` as a function of a batch; returns the (device) loss."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    """One Adam step of `model` as a function of a batch; returns the (device) loss.
+    ``health`` adds the trainer's finiteness check, its one host sync per step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
+    trainable = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(device, precision):
-            loss = model(x, y)["loss"]
+            loss = trainable(x, y)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if health:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            bool(torch.isfinite(torch.stack([loss.detach().float(), norm])).all())
         optimizer.step()
         return loss.detach()
 
@@ -312,30 +324,17 @@ def variant_step(
     *,
     channels_last: bool = False,
     health: bool = True,
-    fused_adam: bool = False,
-    compile_mode: str | None = None,
-) -> Callable[[], None]:
-    """The trainer's step (autocast, backward, finiteness check, Adam) with one thing changed."""
+    **options: Any,
+) -> Callable[[], torch.Tensor]:
+    """The trainer's step (autocast, backward, finiteness check, Adam) on one fixed batch,
+    with one thing changed (see `step_function` for the other options)."""
     x, y = batches(data, device, 1)[0]
     model = make_model(len(data.attr_names), device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    trainable = torch.compile(model, mode=compile_mode) if compile_mode else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
-
-    def step() -> None:
-        with autocast(device, precision):
-            loss = trainable(x, y)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if health:  # the trainer's one host sync per step
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            bool(torch.isfinite(torch.stack([loss.detach().float(), norm])).all())
-        optimizer.step()
-
-    return step
+    step = step_function(model, device, precision, health=health, **options)
+    return lambda: step(x, y)
 
 
 def measure_variants(data: ImageData, device: torch.device, precision: str) -> dict[str, Any]:
