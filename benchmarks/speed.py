@@ -47,7 +47,7 @@ from torchvision.transforms import v2
 import zoo
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.data.celeba import IMAGE_DIR, SPLIT_CODES, read_labels
-from zoo.device import autocast, cpu_name, pick_device, resolve_precision
+from zoo.device import autocast, cpu_flags, cpu_name, pick_device, resolve_precision
 from zoo.errors import ZooError
 from zoo.train import Trainer, TrainSettings
 
@@ -515,15 +515,8 @@ def measure_ddp(data: str | None, steps: int) -> dict[str, Any]:
 
 def cpu_features() -> list[str]:
     """The CPU flags that decide bf16 speed (native bf16 dot products, AMX tiles)."""
-    wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.partition(":")[2].split())
-                return [flag for flag in wanted if flag in flags]
-    except OSError:
-        pass
-    return []
+    flags = cpu_flags()
+    return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2") if f in flags]
 
 
 PARTS = ("pipeline", "precision", "flops", "compile", "variants", "profile", "layers", "ddp")

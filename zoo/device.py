@@ -76,14 +76,24 @@ class StepTimes:
 
 
 @functools.cache
-def cpu_name() -> str:
-    """The CPU model string ("AMD EPYC 9R14 ..."), or the architecture where the OS hides it."""
+def _cpuinfo(field_name: str) -> str:
+    """The first non-empty value of a /proc/cpuinfo field ("" where the OS has no such file)."""
     with contextlib.suppress(OSError, UnicodeDecodeError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and value.strip():
+            if key.strip() == field_name and value.strip():
                 return value.strip()
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return ""
+
+
+def cpu_name() -> str:
+    """The CPU model string ("AMD EPYC 9R14 ..."), or the architecture where the OS hides it."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (avx512_bf16, amx_tile, ...); empty where the OS hides them."""
+    return set(_cpuinfo("flags").split())
 
 
 def probe_key(device: torch.device) -> str:
