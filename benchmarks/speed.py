@@ -92,6 +92,13 @@ def step_function(
 
 def median_rate(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
     """Median images/s of `step` (one batch) after `warmup` calls (oneDNN and compile settle)."""
+    return BATCH / median_seconds(step, device, warmup, repeats)
+
+
+def median_seconds(
+    step: Callable[[], Any], device: torch.device, warmup: int, repeats: int
+) -> float:
+    """Median seconds of one call of `step` after `warmup` calls."""
     for _ in range(warmup):
         step()
     seconds = []
@@ -103,7 +110,7 @@ def median_rate(step: Callable[[], Any], device: torch.device, warmup: int, repe
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    return BATCH / statistics.median(seconds)
+    return statistics.median(seconds)
 
 
 # -- pipeline ------------------------------------------------------------------------------------
@@ -397,7 +404,7 @@ def measure_layers(device: torch.device, precision: str, attributes: int) -> lis
             def step(layer: torch.nn.Module = layer, h: torch.Tensor = h) -> None:
                 layer(h).float().sum().backward()
 
-            row[str(layout).removeprefix("torch.")] = BATCH / median_rate(step, device, 2, 5)
+            row[str(layout).removeprefix("torch.")] = median_seconds(step, device, 2, 5)
         rows.append(row)
     return rows
 
@@ -420,15 +427,16 @@ def measure_epoch_overheads(data_arg: str | None, device: torch.device) -> dict[
 
 
 def measure_profile(data: ImageData, device: torch.device, precision: str) -> dict[str, Any]:
-    """The default train step's top operators by self time (torch.profiler), over 10 steps."""
+    """The default train step's top operators by self time (torch.profiler), per step."""
     step = variant_step(data, device, precision)
     for _ in range(5):
         step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    steps = 10
     with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
-        for _ in range(10):
+        for _ in range(steps):
             step()
 
     def by_self_time(events: Any) -> list[Any]:
@@ -441,9 +449,9 @@ def measure_profile(data: ImageData, device: torch.device, precision: str) -> di
         return {
             "op": event.key,
             "shapes": str(event.input_shapes[:2]) if shapes else "",
-            "self_ms_per_step": event.self_cpu_time_total / 1e3 / 10,
+            "self_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
             "share": event.self_cpu_time_total / total,
-            "calls_per_step": event.count / 10,
+            "calls_per_step": event.count / steps,
         }
 
     by_shape = by_self_time(profiler.key_averages(group_by_input_shape=True))
