@@ -18,7 +18,7 @@ import zoo
 from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
 from zoo.checkpoint import CheckpointInfo, read_info
 from zoo.data import ImageData
-from zoo.device import pick_device
+from zoo.device import keep_freed_memory, pick_device
 from zoo.errors import ZooError
 from zoo.figures import Figure
 from zoo.latent import load_split
@@ -121,6 +121,7 @@ def run_bench(
         except BaseException as error:  # a plugin may raise anything
             unusable[name] = failure_text(error)
     device = pick_device(settings.device)
+    keep_freed_memory()
     tools: dict[str, Any] = {}
     results = []
     for checkpoint in checkpoints:

@@ -47,9 +47,16 @@ from torchvision.transforms import v2
 import zoo
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.data.celeba import IMAGE_DIR, SPLIT_CODES, read_labels
-from zoo.device import autocast, cpu_flags, cpu_name, pick_device, resolve_precision
+from zoo.device import (
+    autocast,
+    cpu_flags,
+    cpu_name,
+    keep_freed_memory,
+    pick_device,
+    resolve_precision,
+)
 from zoo.errors import ZooError
-from zoo.train import Trainer, TrainSettings
+from zoo.train import FUSED_ADAM_DEVICES, Trainer, TrainSettings
 
 BATCH = 64
 SIZE = 64
@@ -67,12 +74,14 @@ def step_function(
     precision: str,
     *,
     health: bool = False,
-    fused_adam: bool = False,
+    fused_adam: bool | None = None,
     compile_mode: str | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One Adam step of `model` as a function of a batch; returns the (device) loss.
-    ``health`` adds the trainer's finiteness check, its one host sync per step."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
+    ``health`` adds the trainer's finiteness check, its one host sync per step; Adam is fused
+    where the trainer fuses it unless ``fused_adam`` says otherwise."""
+    fused = device.type in FUSED_ADAM_DEVICES if fused_adam is None else fused_adam
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
     trainable = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -211,10 +220,14 @@ def peer_epoch(root: Path, device: torch.device, model_class: type[torch.nn.Modu
 def measure_peer(
     data: str | None, device: torch.device, name: str, source: Path | None
 ) -> dict[str, Any]:
+    """The peer as published, then `zoo train cvae`, then the peer again with the allocator
+    setting zoo's trainer applied (glibc's thresholds are process-wide and stay set): how much
+    of the ratio that setting alone explains."""
     model_class = peer_model_class(name, source)
     _, root = resolve_source(data)
     peer = peer_epoch(root, device, model_class)
     ours, precision = ours_epoch(data, str(device))
+    allocator = keep_freed_memory()
     return {
         "peer": name,
         "peer_img_per_s": peer,
@@ -222,6 +235,9 @@ def measure_peer(
         "ours_img_per_s": ours,
         "ours_precision": precision,
         "speedup_vs_peer": ours / peer,
+        "peer_with_zoo_allocator_img_per_s": peer_epoch(root, device, model_class)
+        if allocator
+        else None,
     }
 
 
@@ -344,23 +360,43 @@ def variant_step(
     return lambda: step(x, y)
 
 
+def interleaved_rates(
+    steps: dict[str, Callable[[], Any]], device: torch.device, warmup: int, rounds: int
+) -> dict[str, float]:
+    """Median img/s of each step, timed in turns (one call of each per round), so a drift in
+    the machine's speed during the run reaches every variant alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            seconds[name].append(median_seconds(step, device, 0, 1))
+    return {name: BATCH / statistics.median(times) for name, times in seconds.items()}
+
+
 def measure_variants(data: ImageData, device: torch.device, precision: str) -> dict[str, Any]:
-    """Train-step img/s of the default step and of each candidate change, one at a time."""
+    """Train-step img/s of the default step and of each candidate change, timed in turns;
+    then other thread counts, one at a time (threads left spinning would slow the others)."""
     threads = torch.get_num_threads()
     result: dict[str, Any] = {"precision": precision, "threads": threads}
-    candidates: dict[str, dict[str, Any]] = {
-        "default": {},
-        "channels_last": {"channels_last": True},
-        "no finiteness check": {"health": False},
-        "fused Adam": {"fused_adam": True},
+    candidates = {
+        "default": variant_step(data, device, precision),
+        "channels_last": variant_step(data, device, precision, channels_last=True),
+        "no finiteness check": variant_step(data, device, precision, health=False),
+        "for-loop Adam (torch's CPU default)": variant_step(
+            data, device, precision, fused_adam=False
+        ),
     }
-    for name, options in candidates.items():
-        result[name] = median_rate(variant_step(data, device, precision, **options), device, 5, 15)
-    with group_norm_in_fp32():
-        result["GroupNorm in fp32"] = median_rate(
-            variant_step(data, device, precision), device, 5, 15
-        )
-    for count in sorted({1, threads, 2 * threads}):
+    fp32_norm_step = variant_step(data, device, precision)
+
+    def fp32_norm() -> None:
+        with group_norm_in_fp32():
+            fp32_norm_step()
+
+    candidates["GroupNorm in fp32"] = fp32_norm
+    result.update(interleaved_rates(candidates, device, 5, 15))
+    for count in sorted({1, 2 * threads}):
         torch.set_num_threads(count)
         try:
             result[f"{count} threads"] = median_rate(
@@ -369,6 +405,18 @@ def measure_variants(data: ImageData, device: torch.device, precision: str) -> d
         finally:
             torch.set_num_threads(threads)
     return result
+
+
+def curve_change(data: ImageData, device: torch.device, steps: int, **options: Any) -> float:
+    """Largest relative difference between fp32 loss curves of the default step and of the
+    step with ``options``, over ``steps`` batches from the same weights and noise: whether a
+    faster variant still trains the same model (bf16 curves differ by chaos alone)."""
+    curves = []
+    for variant in ({}, options):
+        step = step_function(make_model(len(data.attr_names), device), device, "fp32", **variant)
+        torch.manual_seed(1)
+        curves.append([step(*batch).item() for batch in batches(data, device, steps)])
+    return max(abs(a - b) / abs(a) for a, b in zip(*curves, strict=True))
 
 
 def measure_layers(device: torch.device, precision: str, attributes: int) -> list[dict[str, Any]]:
@@ -569,6 +617,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if "peer" in parts:
         peer = args.peer or "pytorch-vae"
         results["peer"] = measure_peer(args.data, device, peer, args.peer_src)
+    keep_freed_memory()  # every other part times steps the way `zoo train` runs them
     if "pipeline" in parts:
         results["pipeline"] = measure_pipeline(args.data, device)
     if parts & {"precision", "flops"}:
@@ -580,6 +629,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     auto = results["auto_precision"]
     if "variants" in parts:
         results["variants"] = measure_variants(data, device, auto)
+        results["curve_change"] = {
+            "steps": args.curve_steps,
+            "fused vs for-loop Adam": curve_change(
+                data, device, args.curve_steps, fused_adam=False
+            ),
+        }
         results["overheads"] = measure_epoch_overheads(args.data, device)
     if "profile" in parts:
         results["profile"] = measure_profile(data, device, auto)
@@ -613,6 +668,13 @@ def report(results: dict[str, Any]) -> None:
             (f"zoo train cvae epoch ({p['ours_precision']})", f"{p['ours_img_per_s']:.0f} img/s"),
             ("zoo / peer", f"{p['speedup_vs_peer']:.2f}x"),
         ]
+        if p["peer_with_zoo_allocator_img_per_s"] is not None:
+            rows.append(
+                (
+                    f"{p['peer']} again, with zoo's allocator setting",
+                    f"{p['peer_with_zoo_allocator_img_per_s']:.0f} img/s",
+                )
+            )
     if "pipeline" in results:
         p = results["pipeline"]
         rows += [
@@ -672,6 +734,14 @@ def report(results: dict[str, Any]) -> None:
                         f"{rate:.0f} img/s ({rate / base:.2f}x)",
                     )
                 )
+    if "curve_change" in results:
+        c = results["curve_change"]
+        rows.append(
+            (
+                f"fp32 loss curve, fused vs for-loop Adam, {c['steps']} steps",
+                f"max {100 * c['fused vs for-loop Adam']:.3f}% apart",
+            )
+        )
     if "overheads" in results:
         o = results["overheads"]
         epoch = results["data_images"] / results["variants"]["default"]

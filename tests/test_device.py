@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -136,3 +140,48 @@ def test_zoo_train_names_the_precision_and_why_on_its_first_line(probe, syntheti
         f"on cpu, precision bf16 (auto: bf16 measured 2.00x the speed of fp32 on "
         f"{device.cpu_name()}, measured now)" in first
     ), first
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+import zoo
+from zoo.device import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "on" else False
+torch.manual_seed(0)
+model = zoo.create_model("cvae", num_attributes=4, image_size=64)
+x, y = torch.rand(8, 3, 64, 64), torch.ones(8, 4)
+def step():
+    model(x, y)["loss"].backward()
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+def faults_per_step(mode: str, **env: str) -> tuple[bool, float]:
+    """(whether the setting was applied, page faults per cvae training step) in a new process."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", FAULTS_SCRIPT, mode],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    applied, faults = done.stdout.split()
+    return applied == "True", float(faults)
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="the allocator setting is glibc's; other platforms keep their allocator",
+)
+def test_a_training_step_reuses_freed_memory_instead_of_page_faulting_it_back_in():
+    _, faults_without = faults_per_step("off")  # about 8,000 at batch 8 on the dev machine
+    applied, faults_with = faults_per_step("on")  # about 1,900
+    assert applied
+    assert faults_with * 3 < faults_without
+    # a user who chose glibc's settings through its environment keeps them
+    assert faults_per_step("on", MALLOC_ARENA_MAX="2")[0] is False

@@ -47,7 +47,13 @@ from zoo.checkpoint import (
     save_train_state,
 )
 from zoo.data import ImageData, load_data, resolve_source
-from zoo.device import PrecisionChoice, autocast, choose_precision, pick_device
+from zoo.device import (
+    PrecisionChoice,
+    autocast,
+    choose_precision,
+    keep_freed_memory,
+    pick_device,
+)
 from zoo.errors import ZooError, error_reason
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
@@ -58,6 +64,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
 SETTINGS_FILE = "config.json"
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -360,6 +367,7 @@ class Trainer:
         else:
             self.device = distributed.device_for(self.ranks, settings.device)
             distributed.join(self.ranks, self.device)
+        keep_freed_memory()
         self.precision_choice = self._choose_precision()
         self.precision = self.precision_choice.precision
         if settings.deterministic:
@@ -372,7 +380,9 @@ class Trainer:
         if self.ranks is not None:  # same weights everywhere, a different noise stream per rank
             torch.manual_seed(settings.seed * 1_000_003 + self.ranks.rank)
         self.trainable = self._trainable()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr)
+        # one fused kernel instead of ~10 small ops per parameter (README: speed)
+        fused = self.device.type in FUSED_ADAM_DEVICES
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr, fused=fused)
         self.steps_per_epoch = math.ceil(len(self.data) / settings.batch_size)
         self.total_steps = settings.epochs * self.steps_per_epoch
         if settings.max_steps is not None:
