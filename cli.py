@@ -256,10 +256,11 @@ def train(
     progress: ProgressOption = True,
 ) -> None:
     """Train a registered model; writes runs/<model>-<time>/ with weights, samples and logs."""
+    from zoo.config import with_overrides
     from zoo.distributed import launched_ranks, relaunch
     from zoo.train import Trainer, TrainSettings, resume_settings
 
-    if nproc > 1 and launched_ranks() is None:
+    if nproc > 1 and launched_ranks().solo:
         raise typer.Exit(relaunch(nproc, sys.argv[1:]))
     if resume is not None:
         settings = resume_settings(resume, epochs=epochs, max_steps=max_steps)
@@ -268,24 +269,17 @@ def train(
             raise ZooError("name a model to train (see `zoo list`), or pass --resume RUN_DIR")
         model_config = _parse_options(option or [])
         model_config.update(
-            {
-                k: v
-                for k, v in {
-                    "beta": beta,
-                    "latent_dim": latent_dim,
-                    "likelihood": likelihood,
-                }.items()
-                if v is not None
-            }
+            with_overrides(dict, beta=beta, latent_dim=latent_dim, likelihood=likelihood)
         )
-        settings = TrainSettings(
+        settings = with_overrides(
+            TrainSettings,
             model=model,
             model_config=model_config,
             data=data,
             split=split,
             image_size=image_size,
             attributes=attributes.split(",") if attributes else None,
-            epochs=TrainSettings.epochs if epochs is None else epochs,
+            epochs=epochs,
             max_steps=max_steps,
             batch_size=batch_size,
             lr=lr,
@@ -377,7 +371,7 @@ def check_plugin(
     from zoo.registry import MODELS
 
     results = check_model(name)
-    source = MODELS.entries[name].source
+    source = MODELS.entry(name).source
     table = Table(title=f"conformance of {name} (from {source})")
     for column in ("check", "result", "detail"):
         table.add_column(column)
@@ -523,13 +517,14 @@ def _faces(
     count: int,
     seed: int,
 ):
-    from zoo.latent import faces_from_files, faces_from_split, load_split
+    from zoo.data import checkpoint_data
+    from zoo.latent import faces_from_files, faces_from_split
 
     info = model.checkpoint_info
     if files:
         return faces_from_files(files, info)
     return faces_from_split(
-        info, load_split(info, data, split), indices=indices or None, count=count, seed=seed
+        info, checkpoint_data(info, split, data), indices=indices or None, count=count, seed=seed
     )
 
 
@@ -563,27 +558,24 @@ def interpolate(
 ) -> None:
     """Walk the latent space between two encoded faces; the ends are their reconstructions."""
     from zoo.figures import interpolation_figure
-    from zoo.latent import parse_assignments
+    from zoo.latent import interpolation_endpoints, parse_assignments
 
     model = _load(checkpoint, device)
-    starts, ends = (
-        (from_image or [], to_image or [])
-        if from_image or to_image
-        else (from_index or [], to_index or [])
+    info = model.checkpoint_info
+    first, last = interpolation_endpoints(
+        info,
+        from_image or [],
+        to_image or [],
+        from_index or [],
+        to_index or [],
+        data=data,
+        split=split,
     )
-    if not starts or len(starts) != len(ends):
-        raise ZooError(
-            "give pairs of endpoints: --from A.jpg --to B.jpg, or --from-index I --to-index J, "
-            "with as many starts as ends"
-        )
-    files = bool(from_image or to_image)
-    first = _faces(model, starts if files else [], [] if files else starts, data, split, 0, 0)
-    last = _faces(model, ends if files else [], [] if files else ends, data, split, 0, 0)
-    assignments = parse_assignments(attr or [], model.checkpoint_info.attr_names)
+    assignments = parse_assignments(attr or [], info.attr_names)
     figure = interpolation_figure(
         model, first, last, steps=steps, spherical=slerp, assignments=assignments
     )
-    _wrote(figure.save(out), f"{len(starts)} interpolation row(s)")
+    _wrote(figure.save(out), f"{first.images.shape[0]} interpolation row(s)")
 
 
 @app.command()
@@ -641,11 +633,12 @@ def concept_command(
     device: DeviceOption = "auto",
 ) -> None:
     """Compute concept vectors (mean latent with the attribute minus without) beside the model."""
-    from zoo.latent import compute_concept, concept_path, load_split, save_concept
+    from zoo.data import checkpoint_data
+    from zoo.latent import compute_concept, concept_path, save_concept
 
     model = _load(checkpoint, device)
     info = model.checkpoint_info
-    split_data = load_split(info, data, split)
+    split_data = checkpoint_data(info, split, data)
     for name in attr:
         vector = compute_concept(model, split_data, name, info)
         path = concept_path(checkpoint, name)
@@ -726,7 +719,7 @@ def bench(
     progress: ProgressOption = True,
 ) -> None:
     """Benchmark checkpoints: FID, reconstruction, attribute-edit accuracy and throughput."""
-    from benchmarks.metric import METRICS, BenchSettings
+    from benchmarks.metric import BenchSettings, select_metrics
     from benchmarks.report import leaderboard, write_report
     from benchmarks.runner import latest_runs, run_bench
 
@@ -747,9 +740,7 @@ def bench(
         precision=precision,
         progress=progress,
     )
-    metrics = metric or ["fid", "recon", "edit", "throughput"]
-    for name in metrics:
-        METRICS.get(name)
+    metrics = select_metrics(metric)
     report = run_bench(checkpoints or latest_runs(runs), metrics, settings)
     header, rows = leaderboard(report)
     table = Table(title=f"zoo bench on {split} (device {report.device})")
@@ -788,7 +779,14 @@ def train_classifier_command(
     backbone: Annotated[
         str, typer.Option(help="timm backbone, trained from scratch.")
     ] = "resnet18",
-    epochs: Annotated[int | None, typer.Option(help="Passes over the split."), COUNT] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Passes over the split (12; a resumed run keeps its own)."),
+        COUNT,
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps."), COUNT
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step."), BATCH_SIZES] = 64,
     shift: Annotated[
         float | None,
@@ -805,29 +803,66 @@ def train_classifier_command(
     seed: SeedOption = 0,
     device: DeviceOption = "auto",
     out: RunsOutOption = Path("runs"),
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints."), COUNT] = 1000,
+    on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop or skip.")] = "stop",
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this folder from its last save.")
+    ] = None,
+    nproc: Annotated[
+        int, typer.Option(help="Processes on this machine (DDP through torchrun)."), Bounds(1, 256)
+    ] = 1,
     progress: ProgressOption = True,
 ) -> None:
     """Train the attribute classifier that scores edits (and gives FD-attr features)."""
-    from benchmarks.classifier import ClassifierSettings, train_classifier
-
-    settings = ClassifierSettings(
-        data=data,
-        split=split,
-        eval_split=eval_split,
-        image_size=image_size,
-        backbone=backbone,
-        batch_size=batch_size,
-        balanced=balanced,
-        precision=precision,
-        seed=seed,
-        device=device,
-        out=str(out),
-        progress=progress,
+    from benchmarks.classifier_training import (
+        ClassifierRun,
+        ClassifierSettings,
+        classifier_resume_settings,
+        finished_classifier,
     )
-    for name, value in {"epochs": epochs, "shift": shift, "weight_decay": weight_decay}.items():
-        if value is not None:
-            setattr(settings, name, value)
-    path, details = train_classifier(settings)
+    from zoo.config import with_overrides
+    from zoo.distributed import launched_ranks, relaunch
+
+    if nproc > 1 and launched_ranks().solo:
+        raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+    if resume is not None:
+        settings = classifier_resume_settings(
+            resume, epochs=epochs, max_steps=max_steps, progress=progress
+        )
+    else:
+        settings = with_overrides(
+            ClassifierSettings,
+            data=data,
+            split=split,
+            eval_split=eval_split,
+            image_size=image_size,
+            backbone=backbone,
+            epochs=epochs,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            shift=shift,
+            balanced=balanced,
+            weight_decay=weight_decay,
+            precision=precision,
+            seed=seed,
+            device=device,
+            out=str(out),
+            save_every=save_every,
+            on_nan=on_nan,
+            progress=progress,
+        )
+    run = ClassifierRun(settings, resume=resume)
+    result = run.run()
+    if not run.is_main:  # under DDP only rank 0 reports
+        return
+    if result.interrupted:
+        console.print(
+            f"interrupted at step {result.step}/{result.total_steps}; continue with: "
+            f"zoo train-classifier --resume {result.run_dir}",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
+    path, details = finished_classifier(result)
     evaluation = details.evaluation
     console.print(
         f"classifier {details.backbone} on {len(details.attr_names)} attributes: mean accuracy "

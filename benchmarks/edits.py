@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from benchmarks.metric import BenchContext, Metric, register_metric
+from zoo.data import checkpoint_data
 from zoo.data.cache import image_progress
 from zoo.errors import ZooError
 from zoo.figures import flip_figure
@@ -36,7 +37,6 @@ from zoo.latent import (
     faces_from_split,
     file_digest,
     load_concept,
-    load_split,
     save_concept,
     scale_edit,
     with_attribute,
@@ -87,7 +87,7 @@ def bench_concept(context: BenchContext, attribute: str) -> Concept:
         return stored
     train = context.shared(
         f"train-split:{context.checkpoint}",
-        lambda: load_split(context.info, context.settings.data, "train"),
+        lambda: checkpoint_data(context.info, "train", source=context.data.source),
     )
     concept = compute_concept(context.model, train, attribute, context.info)
     if current:

@@ -64,9 +64,7 @@ class BenchContext:
     @property
     def labels(self) -> torch.Tensor | None:
         """The split's attributes in the model's order, for conditional models."""
-        from zoo.latent import model_labels
-
-        return model_labels(self.data, self.info) if self.model.conditional else None
+        return self.data.labels(self.info.attr_names) if self.model.conditional else None
 
     @property
     def count(self) -> int:
@@ -157,6 +155,21 @@ METRICS: PluginRegistry[type[Metric]] = PluginRegistry(
 )
 
 
+BUILTIN_METRICS = ("fid", "recon", "edit", "throughput")  # in leaderboard order
+
+
 def register_metric(name: str, *, source: str = "zoo") -> Callable[[type], type]:
     """Class decorator: make a `Metric` subclass available to ``zoo bench --metric name``."""
     return METRICS.register(name, source=source)
+
+
+def select_metrics(requested: list[str] | None = None) -> list[str]:
+    """The metrics a benchmark runs: those `requested`, each looked up now so a misspelt name
+    fails before any model loads; by default every one, so plugins are never left out: the
+    built-ins, then plugin metrics by name (one that failed to load is reported, not skipped)."""
+    if requested:
+        for name in requested:
+            METRICS.get(name)
+        return list(requested)
+    plugins = {*METRICS.names(), *(plugin.name for plugin in METRICS.all_broken())}
+    return [*BUILTIN_METRICS, *sorted(plugins - set(BUILTIN_METRICS))]

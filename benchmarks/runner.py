@@ -17,11 +17,10 @@ import torch
 import zoo
 from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
 from zoo.checkpoint import CheckpointInfo, read_info
-from zoo.data import ImageData
+from zoo.data import ImageData, checkpoint_data
 from zoo.device import keep_freed_memory, pick_device
 from zoo.errors import ZooError
 from zoo.figures import Figure
-from zoo.latent import load_split
 from zoo.registry import failure_text
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ def run_bench(
             except BaseException as error:  # a metric, built-in or plugin, may raise anything
                 result.metrics.pop(name, None)
                 result.errors[name] = failure_text(error)
-            result.wall_time_s[name] = round(time.perf_counter() - started, 2)
+            result.wall_time_s[name] = round(time.perf_counter() - started, 3)
             log.info("%s: %s took %.1f s", result.info.model_name, name, result.wall_time_s[name])
     return BenchReport(settings, str(device), metric_names, results)
 
@@ -168,7 +167,7 @@ def _checked(result: Any) -> dict[str, Any]:
 def data_difference(info: CheckpointInfo, data: ImageData, override: str | None) -> str | None:
     """Why the benchmark data is not the data the checkpoint records, or None if it is.
 
-    A moved or deleted data folder makes `load_split` fall back to ``$ZOO_DATA``, ./data/celeba
+    A moved or deleted data folder makes `checkpoint_data` fall back to ``$ZOO_DATA``, ./data/celeba
     or the synthetic faces; the numbers are then about other images, which the user must know.
     """
     recorded_root, recorded_fingerprint = info.data.get("root"), info.data.get("fingerprint")
@@ -191,5 +190,5 @@ def _split(tools: dict[str, Any], info: CheckpointInfo, settings: BenchSettings)
     """The benchmark split for a checkpoint, loaded once per (data, split, size)."""
     key = f"split:{settings.data or info.data.get('root')}:{settings.split}:{info.preprocess}"
     if key not in tools:
-        tools[key] = load_split(info, settings.data, settings.split)
+        tools[key] = checkpoint_data(info, settings.split, settings.data)
     return tools[key]

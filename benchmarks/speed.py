@@ -56,7 +56,8 @@ from zoo.device import (
     resolve_precision,
 )
 from zoo.errors import ZooError
-from zoo.train import FUSED_ADAM_DEVICES, Trainer, TrainSettings
+from zoo.run import FUSED_ADAM_DEVICES
+from zoo.train import Trainer, TrainSettings
 
 BATCH = 64
 SIZE = 64

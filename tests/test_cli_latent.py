@@ -16,12 +16,12 @@ from benchmarks.metric import BenchContext, BenchSettings
 from cli import app
 from zoo import load as zoo_load
 from zoo.checkpoint import atomic_save, read_tensors_file
+from zoo.data import checkpoint_data
 from zoo.latent import (
     CONCEPT_KIND,
     concept_path,
     faces_from_files,
     load_concept,
-    load_split,
 )
 from zoo.samples import LINE_HEIGHT, PADDING
 from zoo.train import Trainer, TrainSettings
@@ -182,12 +182,12 @@ def test_bench_uses_only_concept_vectors_of_the_training_split(vae, caplog, monk
         model,
         Path(vae),
         info,
-        load_split(info, None, "valid"),
+        checkpoint_data(info, "valid"),
         BenchSettings(progress=False),
         torch.device("cpu"),
     )
     path = concept_path(Path(vae), "Smiling")
-    train_size = len(load_split(info, None, "train"))
+    train_size = len(checkpoint_data(info, "train"))
 
     assert zoo("concept", vae, "--attr", "Smiling", "--split", "all").exit_code == 0
     made_on_all = path.read_bytes()
@@ -251,7 +251,7 @@ def test_bad_input_is_one_line(args, message, cvae, vae, tmp_path):
 
 def test_image_files_get_the_crop_and_resize_of_the_training_data(cvae, synthetic_faces):
     info = zoo_load(cvae).checkpoint_info
-    data = load_split(info, None, "train")
+    data = checkpoint_data(info, "train")
     path = Path(synthetic_faces) / "img_align_celeba" / data.filenames[0]
     from_file = faces_from_files([path], info).images[0]
     from_cache = data.batch(torch.tensor([0]))[0][0]

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from zoo.data import cache_dir, load_data, resolve_source, synth
+from zoo.data import Source, cache_dir, load_data, resolve_source, synth
 from zoo.errors import ZooError
 
 
@@ -76,7 +76,7 @@ def test_a_zipped_image_folder_gets_a_hint(make_celeba):
         resolve_source(str(root))
 
 
-def test_without_any_celeba_synthetic_faces_are_made_once_and_announced_once(
+def test_without_any_celeba_synthetic_faces_are_made_once_and_announced_per_resolution(
     tmp_path, monkeypatch, caplog
 ):
     monkeypatch.chdir(tmp_path)
@@ -95,10 +95,13 @@ def test_without_any_celeba_synthetic_faces_are_made_once_and_announced_once(
 
     monkeypatch.setattr(synth, "render_faces", no_drawing)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="zoo"):
-        data = load_data(None, "train", 32, progress=False)
+    with caplog.at_level(logging.WARNING, logger="zoo"):  # a command passes its resolved source on
+        data = load_data(Source(kind, folder), "train", 32, progress=False)
     assert data.name == "synthetic-faces" and len(data) == 16
     assert warnings_in(caplog) == []
+    with caplog.at_level(logging.WARNING, logger="zoo"):  # the next command: no drawing, a notice
+        assert resolve_source(None, progress=False) == (kind, folder)
+    assert len(warnings_in(caplog)) == 1
     assert not [p.name for p in cache_dir().iterdir() if p.name.startswith(".")]
 
 
@@ -142,3 +145,20 @@ def test_a_cache_dir_that_is_a_file_is_one_line(make_celeba, tmp_path, monkeypat
     result = CliRunner().invoke(app, ["data", "prepare", "--data", str(make_celeba("other"))])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "is a file, not a folder" in result.output
+
+
+def test_zoo_train_resolves_its_data_once(tmp_path, monkeypatch, caplog):
+    """One notice per command: a second resolution (as train once made, hidden by a
+    module-level set) would announce the fallback twice."""
+    from zoo.train import Trainer, TrainSettings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZOO_SYNTHETIC_N", "20")
+    resolve_source(None, progress=False)  # draw the faces outside the measured command
+    caplog.clear()
+    settings = TrainSettings(
+        model="vae", image_size=16, max_steps=1, batch_size=8, out=str(tmp_path / "runs")
+    )
+    with caplog.at_level(logging.WARNING, logger="zoo"):
+        Trainer(settings, progress=False)
+    assert len([w for w in warnings_in(caplog) if "no CelebA found" in w]) == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import zoo
@@ -142,3 +143,21 @@ def test_torchrun_command():
     command = torchrun_command(2, ["train", "cvae"])
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert command[-3:] == ["cli", "train", "cvae"]
+
+
+def test_the_classifier_trainer_runs_as_two_processes(environment, synthetic_faces, tmp_path):
+    """`zoo train-classifier --nproc 2` runs the shared loop under DDP (batch norm statistics
+    are per rank, so its numbers are not one process's); rank 0 alone logs and saves."""
+    out = tmp_path / "runs"
+    zoo_command(
+        environment, tmp_path, "train-classifier", "--data", synthetic_faces, "--image-size",
+        "16", "--backbone", "test_resnet", "--batch-size", "16", "--max-steps", "6",
+        "--precision", "fp32", "--no-progress", "--out", str(out), "--nproc", "2",
+    )  # fmt: skip
+    [run] = out.iterdir()
+    with safe_open(str(run / "classifier.safetensors"), framework="pt") as handle:
+        info = json.loads(handle.metadata()["zoo.training"])
+    assert info["processes"] == 2 and info["steps"] == 6
+    steps = [record["step"] for record in records(run)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # one writer
+    assert "eval_mean_accuracy" in records(run)[-1]

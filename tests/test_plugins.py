@@ -244,6 +244,57 @@ def test_a_metric_plugin_that_raises_is_recorded_and_the_others_still_run(tiny_v
     assert result["metrics"]["recon"]["n"] == 4 and "buggy" not in result["metrics"]
 
 
+MEAN_RECON_METRIC = """
+    import torch
+
+    from benchmarks.metric import Metric
+
+
+    class MeanRecon(Metric):
+        '''A third-party metric: the mean pixel value of the reconstructions.'''
+
+        title = "Mean reconstruction"
+
+        @torch.inference_mode()
+        def compute(self, context):
+            model = context.model.eval()
+            total = sum(model.reconstruct(x, y).sum().item() for _, x, y in context.batches())
+            pixels = context.count * model.config.channels * model.config.image_size**2
+            return {"mean": total / pixels, "n": context.count}
+
+        def headline(self, result):
+            return {"mean recon": f"{result['mean']:.3f}"}
+"""
+
+
+def test_bench_without_metric_options_runs_the_plugin_metrics_after_the_builtins(
+    tiny_vae, tmp_path
+):
+    env = install_distribution(
+        tmp_path / "site",
+        "mean-recon-metric",
+        {"mean_recon_metric": MEAN_RECON_METRIC},
+        {"zoo.metrics": {"mean-recon": "mean_recon_metric:MeanRecon"}},
+    )
+    env["ZOO_CACHE_DIR"] = str(tmp_path / "cache")
+    env["TORCH_HOME"] = str(tmp_path / "torch")  # no FID weights: fid fails fast, is recorded
+    env.pop("ZOO_FID_WEIGHTS", None)
+    out = tmp_path / "results.json"
+    args = ["bench", tiny_vae, "--n", 4, "--throughput-batch-size", 2, "--no-progress"]
+    done = zoo_command(env, *args, "--device", "cpu", "--out", out, cwd=tmp_path)
+    assert "Traceback" not in done.stderr, done.stderr
+    report = json.loads(out.read_text())
+    assert report["metrics"] == ["fid", "recon", "edit", "throughput", "mean-recon"]
+    [result] = report["results"]
+    mean_recon = result["metrics"]["mean-recon"]
+    assert mean_recon["n"] == 4 and 0 < mean_recon["mean"] < 1
+    assert "| mean recon |" in out.with_suffix(".md").read_text()  # a leaderboard column
+    # the built-ins were all attempted: each either measured or said why not
+    for name in ("fid", "recon", "edit", "throughput"):
+        assert (name in result["metrics"]) != (name in result["errors"]), name
+    assert "fid" in result["errors"] and done.returncode == 1
+
+
 # README "What happens when ...": a plugin is slow or blocks at import
 def test_a_plugin_is_imported_only_by_the_commands_that_need_it(tiny_vae, tmp_path):
     """A plugin's import cost (here: it leaves a mark, then fails) is paid by `zoo list`, not by
@@ -356,7 +407,7 @@ def test_check_plugin_names_the_broken_promise(broken_plugins, name, failure):
 
 def test_every_builtin_model_passes_the_conformance_suite():
     for name in registry.MODELS.names():
-        if registry.MODELS.entries[name].source != "zoo":
+        if registry.MODELS.entry(name).source != "zoo":
             continue
         result = CliRunner().invoke(app, ["check-plugin", name])
         assert result.exit_code == 0, result.output

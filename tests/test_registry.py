@@ -72,6 +72,13 @@ def test_unknown_model_names_the_closest_match():
         zoo.create_model("cvea")
 
 
+def test_entry_gives_the_registration_and_gets_errors():
+    entry = registry.MODELS.entry("cvae")
+    assert (entry.name, entry.cls, entry.source) == ("cvae", registry.MODELS.get("cvae"), "zoo")
+    with pytest.raises(ZooError, match="unknown model 'cvea'.*'cvae'.*Known models: .*beta-cvae"):
+        registry.MODELS.entry("cvea")
+
+
 def test_unknown_config_field_is_named():
     with pytest.raises(ZooError, match="no field.*latnt_dim"):
         zoo.create_model("vae", latnt_dim=3)
@@ -172,7 +179,7 @@ def test_a_checkpoint_from_a_plugin_that_is_not_installed_names_the_distribution
     with monkeypatch.context() as installed:
         _install(tmp_path / "site", installed)
         model = zoo.create_model("tiny-plugin", image_size=16, base_channels=2, max_channels=4)
-        entry = registry.MODELS.entries["tiny-plugin"]
+        entry = registry.MODELS.entry("tiny-plugin")
         assert (entry.source, entry.version) == (TINY_DISTRIBUTION, "0.3")
         path = tmp_path / "model.safetensors"
         zoo.save_checkpoint(path, model, source=entry.source)

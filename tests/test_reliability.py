@@ -37,52 +37,64 @@ def saved_step(run: Path) -> int:
         return 0
 
 
+def untimed_records(run: Path) -> list[dict]:
+    """Every metrics record of a run without its timings: what a resumed run must repeat."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "wall_time_s")}
+        for line in lines
+    ]
+
+
 def records(run: Path) -> list[tuple[int, float]]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [(record["step"], record["loss"]) for record in map(json.loads, lines)]
 
 
-# README "What happens when": the process is killed (`kill -9`, power loss)
-def test_kill_9_then_resume_equals_the_uninterrupted_run(synthetic_faces, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ZOO_CACHE_DIR": str(tmp_path / "cache")}
-    straight = subprocess.run(
-        command(synthetic_faces, tmp_path / "straight"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert straight.returncode == 0, straight.stderr
-
-    victim = subprocess.Popen(
-        command(synthetic_faces, tmp_path / "killed"),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def kill_9_then_resume(
+    train: list[str], resume: list[str], out: Path, prefix: str, kill_after: int, env: dict
+) -> tuple[Path, int, subprocess.CompletedProcess]:
+    """Run ``train``, kill -9 it once its run in ``out`` has saved step ``kill_after`` or later,
+    then run ``resume`` on that run: the run folder, the step it was killed at, the resume."""
+    victim = subprocess.Popen(train, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     run = None
     while time.monotonic() < deadline and victim.poll() is None:
-        runs = list((tmp_path / "killed").glob("cvae-*"))
-        if runs and saved_step(runs[0]) >= 100:
+        runs = list(out.glob(f"{prefix}-*"))
+        if runs and saved_step(runs[0]) >= kill_after:
             run = runs[0]
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert run is not None and victim.poll() is None, "training ended before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     killed_at = saved_step(run)
-    assert 100 <= killed_at < STEPS
-
     resumed = subprocess.run(
-        [sys.executable, "-m", "cli", "train", "--resume", str(run), "--no-progress"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [*resume, str(run), "--no-progress"], env=env, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr
+    return run, killed_at, resumed
+
+
+def finished(command: list[str], env: dict) -> None:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+# README "What happens when": the process is killed (`kill -9`, power loss)
+def test_kill_9_then_resume_equals_the_uninterrupted_run(synthetic_faces, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ZOO_CACHE_DIR": str(tmp_path / "cache")}
+    finished(command(synthetic_faces, tmp_path / "straight"), env)
+    run, killed_at, resumed = kill_9_then_resume(
+        command(synthetic_faces, tmp_path / "killed"),
+        [sys.executable, "-m", "cli", "train", "--resume"],
+        tmp_path / "killed",
+        "cvae",
+        100,
+        env,
+    )
+    assert 100 <= killed_at < STEPS
     assert f"steps {killed_at}->{STEPS}" in resumed.stdout
     [reference] = (tmp_path / "straight").glob("cvae-*")
     assert records(run) == records(reference)  # same steps, bit-identical losses
@@ -159,11 +171,45 @@ def test_ctrl_c_and_kill_at_random_moments_then_resume_equal_the_uninterrupted_r
     assert straight.wait(timeout=600) == 0
 
     [reference] = (tmp_path / "straight").glob("cvae-*")
-    timing = ("img_per_s", "wall_time_s")
-    lines = [
-        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
-        for lines in ((r / "metrics.jsonl").read_text().splitlines() for r in (run, reference))
-    ]
+    lines = [untimed_records(run), untimed_records(reference)]
     assert lines[0] == lines[1]  # every step in one record, with bit-identical losses
     assert saved_step(run) == CHAIN_STEPS
     assert [p.name for p in run.iterdir() if ".tmp-" in p.name] == []
+
+
+CLASSIFIER_STEPS = 60
+
+
+def classifier_command(faces: str, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "cli", "train-classifier", "--data", faces, "--image-size", "16",
+        "--backbone", "test_resnet", "--batch-size", "16", "--max-steps", str(CLASSIFIER_STEPS),
+        "--epochs", "1000", "--save-every", "10", "--precision", "fp32", "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+# README "What happens when": the process is killed (`kill -9`), for the classifier trainer
+def test_kill_9_of_the_classifier_trainer_then_resume_equals_the_uninterrupted_run(
+    synthetic_faces, tmp_path
+):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ZOO_CACHE_DIR": str(tmp_path / "cache")}
+    finished(classifier_command(synthetic_faces, tmp_path / "straight"), env)
+    run, killed_at, _ = kill_9_then_resume(
+        classifier_command(synthetic_faces, tmp_path / "killed"),
+        [sys.executable, "-m", "cli", "train-classifier", "--resume"],
+        tmp_path / "killed",
+        "classifier",
+        20,
+        env,
+    )
+    assert 20 <= killed_at < CLASSIFIER_STEPS
+    [reference] = (tmp_path / "straight").glob("classifier-*")
+    lines = [untimed_records(run), untimed_records(reference)]
+    assert lines[0] == lines[1]  # same steps, bit-identical losses, evaluations and rates
+    assert saved_step(run) == CLASSIFIER_STEPS
+    with (
+        safe_open(str(run / "classifier.safetensors"), framework="pt") as mine,
+        safe_open(str(reference / "classifier.safetensors"), framework="pt") as theirs,
+    ):
+        assert all(mine.get_tensor(k).equal(theirs.get_tensor(k)) for k in theirs.keys())  # noqa: SIM118

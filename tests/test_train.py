@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import zoo
-from zoo import train
+from zoo import run
 from zoo.checkpoint import load_train_state
 from zoo.errors import ZooError
 from zoo.train import Trainer, TrainSettings, resume_settings
@@ -364,10 +364,10 @@ def test_bad_settings_are_clear_errors(faces, tmp_path):
 
 
 def test_epoch_order_and_flips_are_a_function_of_seed_and_epoch():
-    assert torch.equal(train.epoch_order(50, 1, 3), train.epoch_order(50, 1, 3))
-    assert not torch.equal(train.epoch_order(50, 1, 3), train.epoch_order(50, 1, 4))
-    plan = train.epoch_plan(50, 1, 3)
-    assert torch.equal(plan.order, train.epoch_order(50, 1, 3))
-    assert torch.equal(plan.flips, train.epoch_plan(50, 1, 3).flips)
-    assert not torch.equal(plan.flips, train.epoch_plan(50, 1, 4).flips)
+    assert torch.equal(run.epoch_order(50, 1, 3), run.epoch_order(50, 1, 3))
+    assert not torch.equal(run.epoch_order(50, 1, 3), run.epoch_order(50, 1, 4))
+    plan = run.epoch_plan(50, 1, 3)
+    assert torch.equal(plan.order, run.epoch_order(50, 1, 3))
+    assert torch.equal(plan.flips, run.epoch_plan(50, 1, 3).flips)
+    assert not torch.equal(plan.flips, run.epoch_plan(50, 1, 4).flips)
     assert plan.flips.dtype == torch.bool and 10 < int(plan.flips.sum()) < 40

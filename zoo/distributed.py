@@ -3,7 +3,8 @@
 ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; the trainer then joins the
 process group (NCCL on CUDA, gloo on CPU), shards each global batch across the
 ranks, and lets rank 0 alone log and save. Small tensors, never pickles, carry
-the few things ranks must agree on.
+the few things ranks must agree on. A process on its own is a world of one (`Ranks()`),
+whose collectives return their input, so the loop in `zoo.run` has one code path.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from zoo.device import pick_device
 from zoo.errors import ZooError
 
 PATH_BYTES = 4096
@@ -23,22 +25,63 @@ PATH_BYTES = 4096
 
 @dataclass(frozen=True)
 class Ranks:
-    """Where this process sits in a distributed run."""
+    """Where this process sits in a run. A process on its own is a world of one, whose
+    collectives return their input, so the training loop reads like the one-process loop."""
 
-    rank: int
-    world_size: int
-    local_rank: int
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def solo(self) -> bool:
+        return self.world_size == 1
 
-def launched_ranks() -> Ranks | None:
-    """The ranks torchrun gave this process, or None when it runs alone."""
+    def device(self, requested: str) -> torch.device:
+        """The device this process trains on: one GPU per local rank when several share them."""
+        return pick_device(requested) if self.solo else device_for(self, requested)
+
+    def join(self, device: torch.device) -> None:
+        if not self.solo:
+            join(self, device)
+
+    def leave(self) -> None:
+        if not self.solo:
+            leave()
+
+    def barrier(self) -> None:
+        if not self.solo:
+            dist.barrier()
+
+    def broadcast_text(self, text: str, device: torch.device) -> str:
+        return text if self.solo else broadcast_text(text, self, device)
+
+    def gather(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's copy of a same-sized tensor, in rank order."""
+        return [state] if self.solo else gather_rng_states(state, self)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.solo else sum_over_ranks(values)
+
+    def agree(self, health: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+        """Whether ``health`` is finite on every rank and whether any rank must stop."""
+        if self.solo:
+            return bool(torch.isfinite(health).all()), stop
+        return agree(health, stop)
+
+    def my_part(self, positions: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global batch, split as evenly as it goes."""
+        return positions if self.solo else positions.tensor_split(self.world_size)[self.rank]
+
+
+def launched_ranks() -> Ranks:
+    """The ranks torchrun gave this process; a world of one when it runs alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return None
+        return Ranks()
     return Ranks(
         rank=int(os.environ.get("RANK", "0")),
         world_size=world_size,

@@ -49,6 +49,9 @@ class Figure:
 
 
 def _info(model: GenerativeModel) -> CheckpointInfo:
+    """The checkpoint's metadata: captions need its attribute names, concepts its path."""
+    if model.checkpoint_info is None:
+        raise ZooError(f"{model.model_name} was not loaded from a checkpoint; use zoo.load")
     return model.checkpoint_info
 
 

@@ -25,7 +25,7 @@ from zoo.checkpoint import (
     atomic_save,
     read_tensors_file,
 )
-from zoo.data import ImageData, Preprocess, load_data, load_image_file
+from zoo.data import ImageData, Preprocess, checkpoint_data, load_image_file
 from zoo.errors import ZooError
 from zoo.model import GenerativeModel
 
@@ -265,17 +265,6 @@ class Concept:
     checkpoint_digest: str
 
 
-def model_labels(data: ImageData, info: CheckpointInfo) -> torch.Tensor:
-    """The data's attributes in the order the model was trained with (for conditional models)."""
-    missing = [name for name in info.attr_names if name not in data.attr_names]
-    if missing:
-        raise ZooError(
-            f"data at {data.root} lacks attributes the model was trained with: "
-            f"{', '.join(missing[:5])}; use the data the model was trained on (--data)"
-        )
-    return data.attrs[:, [data.attr_names.index(name) for name in info.attr_names]]
-
-
 def compute_concept(
     model: GenerativeModel, data: ImageData, attribute: str, info: CheckpointInfo
 ) -> Concept:
@@ -288,7 +277,7 @@ def compute_concept(
             f"the {data.split} split of {data.root} has {count_with} images with {attribute} and "
             f"{count_without} without; a concept vector needs both (try --split all)"
         )
-    y = model_labels(data, info) if model.conditional else None
+    y = data.labels(info.attr_names) if model.conditional else None
     means = torch.zeros(2, model.latent_dim)
     for start in range(0, len(data), 512):
         index = torch.arange(start, min(start + 512, len(data)))
@@ -400,22 +389,6 @@ class Faces:
     names: list[str]
 
 
-def data_spec(info: CheckpointInfo, override: str | None) -> str | None:
-    """Where the checkpoint's training data lives (``--data`` wins), as a load_data spec."""
-    if override:
-        return override
-    root = info.data.get("root")
-    if not root or not Path(root).exists():
-        return None
-    return f"mnist:{root}" if info.data.get("name") == "mnist" else root
-
-
-def load_split(info: CheckpointInfo, data: str | None, split: str) -> ImageData:
-    """A split of the checkpoint's data (or ``--data``), preprocessed as the model was trained."""
-    preprocess = Preprocess.from_dict(info.preprocess)
-    return load_data(data_spec(info, data), split, preprocess.image_size)
-
-
 def faces_from_split(
     info: CheckpointInfo,
     data: ImageData,
@@ -435,7 +408,7 @@ def faces_from_split(
         )
     index = torch.tensor(indices, dtype=torch.long)
     images, _ = data.batch(index)
-    attrs = model_labels(data, info)[index] if info.attr_names else None
+    attrs = data.labels(info.attr_names)[index] if info.attr_names else None
     return Faces(images, attrs, [data.filenames[i] for i in indices])
 
 
@@ -457,3 +430,32 @@ def labels_for(faces: Faces, info: CheckpointInfo, assignments: dict[str, float]
             modes = [0.0] * len(info.attr_names)
         y = torch.tensor(modes).expand(faces.images.shape[0], -1)
     return with_assignments(y, assignments, info.attr_names)
+
+
+def interpolation_endpoints(
+    info: CheckpointInfo,
+    from_files: list[Path],
+    to_files: list[Path],
+    from_indices: list[int],
+    to_indices: list[int],
+    *,
+    data: str | None = None,
+    split: str = "valid",
+) -> tuple[Faces, Faces]:
+    """The (start, end) faces of the interpolation rows, paired in the order given: the image
+    files if any are named (the indices are then ignored), else images of the split by index.
+    An end without a partner is an error, never a silently shorter figure."""
+    files = bool(from_files or to_files)
+    starts, ends = (from_files, to_files) if files else (from_indices, to_indices)
+    if not starts or len(starts) != len(ends):
+        raise ZooError(
+            "give pairs of endpoints: --from A.jpg --to B.jpg, or --from-index I --to-index J, "
+            "with as many starts as ends"
+        )
+    if files:
+        return faces_from_files(from_files, info), faces_from_files(to_files, info)
+    split_data = checkpoint_data(info, split, data)
+    return (
+        faces_from_split(info, split_data, indices=from_indices),
+        faces_from_split(info, split_data, indices=to_indices),
+    )

@@ -20,6 +20,7 @@ from torch import nn
 from zoo.errors import ZooError
 
 if TYPE_CHECKING:
+    from zoo.checkpoint import CheckpointInfo
     from zoo.data import ImageData
 
 LIKELIHOODS = ("gaussian", "bernoulli")
@@ -139,6 +140,10 @@ class GenerativeModel(nn.Module):
     conditional: ClassVar[bool] = False
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
 
+    checkpoint_info: CheckpointInfo | None = None
+    """The file's metadata (attributes, data, preprocessing) when `zoo.load` built the model;
+    None for a model built in memory, which has no training data to describe."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
@@ -251,11 +256,20 @@ class GenerativeModel(nn.Module):
         `kl_weight` in [0, 1] is the KL warm-up factor; at 1 and beta=1 `loss` is the
         negative ELBO (up to the Gaussian likelihood's constant).
         """
-        posterior = self.encode(x, y)
-        logits = self.decode_logits(posterior.sample(), y)
-        recon = self.reconstruction_nll(logits, x).mean()
+        posterior, _, recon = self.encode_and_reconstruct(x, y)
         kl = posterior.kl().mean()
         return {"loss": recon + self.config.beta * kl_weight * kl, "recon": recon, "kl": kl}
+
+    def encode_and_reconstruct(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[Posterior, torch.Tensor, torch.Tensor]:
+        """(posterior q(z|x), one reparameterised sample z, batch-mean reconstruction NLL of x
+        decoded from z): the first half of every single-sample ELBO, so an objective that
+        overrides `loss` only writes its regulariser."""
+        posterior = self.encode(x, y)
+        z = posterior.sample()
+        recon = self.reconstruction_nll(self.decode_logits(z, y), x).mean()
+        return posterior, z, recon
 
     def reconstruction_nll(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-log p(x|z) per image, summed over pixels, under the configured likelihood."""

@@ -153,9 +153,14 @@ class PluginRegistry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The class registered under `name`, or a one-line error listing the known names."""
+        return self.entry(name).cls
+
+    def entry(self, name: str) -> Entry[T]:
+        """Everything registered under `name` (class, providing distribution, version), so
+        callers need not read `entries`; the same one-line error as `get` for unknown names."""
         self.find(name)
         if name in self.entries:
-            return self.entries[name].cls
+            return self.entries[name]
         if name in self.broken:
             broken = self.broken[name]
             raise ZooError(

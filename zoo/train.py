@@ -1,71 +1,33 @@
-"""The trainer: one short loop (in the spirit of nanoGPT) around `model.loss`.
+"""The generative-model trainer: what a run of `zoo train` trains, on `zoo.run`'s loop.
 
-A run lives in ``runs/<model>-<time>/``: the resolved settings (``config.json``),
-a JSON-lines metrics log, PNG sample grids, ``model.safetensors`` and
-``train_state.safetensors`` for ``--resume``. Data order is a function of
-(seed, epoch) and the RNG state is saved with the optimizer, so a resumed run
-continues exactly where the saved one stopped.
-
-Under ``torchrun`` the same loop runs as PyTorch DDP: every rank holds the whole
-(memory-mapped) data, takes its shard of each global batch, and rank 0 alone logs,
-draws samples and saves, so the checkpoint format does not change.
+It owns the model side of a run: the data split (resolved once), the model built from the
+registry with its geometry taken from the data, fused Adam, the loss with its KL warm-up,
+the sample grids and ``model.safetensors`` with the checkpoint metadata. The run folder,
+the loop, logging, saves, exact resume and DDP are `zoo.run`'s, shared with the classifier.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-import os
 import platform
-import signal
-import threading
-import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 import zoo
-from zoo import distributed
-from zoo.checkpoint import (
-    atomic_write_text,
-    load_train_state,
-    remove_temporaries,
-    save_checkpoint,
-    save_train_state,
-)
+from zoo.checkpoint import save_checkpoint
 from zoo.data import ImageData, load_data, resolve_source
-from zoo.device import (
-    PrecisionChoice,
-    autocast,
-    choose_precision,
-    keep_freed_memory,
-    pick_device,
-)
-from zoo.errors import ZooError, error_reason
+from zoo.errors import ZooError
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
+from zoo.run import FUSED_ADAM_DEVICES, TrainingRun, stored_settings
 from zoo.samples import training_grid
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
-STATE_FILE = "train_state.safetensors"
-SETTINGS_FILE = "config.json"
-FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -108,115 +70,17 @@ class TrainSettings:
             raise ZooError(f"--on-nan must be stop or skip, got {self.on_nan!r}")
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    total_steps: int
-    interrupted: bool
-    summary: dict[str, Any]
-
-
-class EpochPlan(NamedTuple):
-    order: torch.Tensor  # the images of the epoch, shuffled
-    flips: torch.Tensor  # bool, one per position of `order`: mirror that image
-
-
-def epoch_plan(num_items: int, seed: int, epoch: int) -> EpochPlan:
-    """The shuffled order and the flips of one epoch, a pure function of (seed, epoch): resume
-    replays it, and every rank of a DDP run agrees on the images of a global batch."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_items, generator=generator)
-    return EpochPlan(order, torch.rand(num_items, generator=generator) < 0.5)
-
-
-def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of one epoch (see `epoch_plan`)."""
-    return epoch_plan(num_items, seed, epoch).order
-
-
-class Shard(NamedTuple):
-    """What one process trains on in one step."""
-
-    index: torch.Tensor  # rows of the data
-    flips: torch.Tensor | bool  # which of them to mirror
-    images: int  # this process's images (0: it runs one image at share 0)
-    global_images: int  # the whole step's images, over all processes
-
-
-def _rng_key(kind: str, ranks: distributed.Ranks | None) -> str:
-    return kind if ranks is None else f"{kind}.{ranks.rank}"
-
-
-def _rng_state(device: torch.device, ranks: distributed.Ranks | None) -> dict[str, torch.Tensor]:
-    """This process's RNG states; under DDP every rank's, gathered (a collective call)."""
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device).to(device)
-    if ranks is None:
-        return {kind: state.cpu() for kind, state in states.items()}
-    gathered = {}
-    for kind, state in states.items():
-        for rank, rank_state in enumerate(distributed.gather_rng_states(state.to(device), ranks)):
-            gathered[f"{kind}.{rank}"] = rank_state.cpu()
-    return gathered
-
-
-def _set_rng_state(
-    states: dict[str, torch.Tensor], device: torch.device, ranks: distributed.Ranks | None
-) -> None:
-    cpu = states.get(_rng_key("cpu", ranks))
-    if cpu is None:  # resumed with more processes than saved: a fresh, rank-specific stream
-        log.warning("no saved RNG state for this rank; its noise stream is reseeded")
-        torch.manual_seed(int(torch.seed()) + (ranks.rank if ranks else 0))
-        return
-    torch.set_rng_state(cpu)
-    cuda = states.get(_rng_key("cuda", ranks))
-    if device.type == "cuda" and cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the step a run resumes from (and a line cut short by a crash).
-
-    The window the saved step was in is part of the saved state, so the next record covers
-    the steps between the last kept record and the saved step too.
-    """
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def new_run_dir(out: Path, name: str) -> Path:
-    """A fresh ``out/<name>-<time>`` folder (suffixed when two runs start the same second)."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = out / f"{name}-{stamp}"
-    suffix = 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = out / f"{name}-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
 def _source_of(model_name: str) -> str:
-    return MODELS.entries[model_name].source
+    return MODELS.entry(model_name).source
 
 
 def load_training_data(settings: TrainSettings, *, progress: bool = True) -> ImageData:
-    kind, _ = resolve_source(settings.data)
-    image_size = settings.image_size or (32 if kind == "mnist" else 64)
+    """The run's split, with the source resolved once (its image size defaults by kind)."""
+    source = resolve_source(settings.data, progress=progress)
     return load_data(
-        settings.data,
+        source,
         settings.split,
-        image_size,
+        settings.image_size or source.default_image_size,
         attributes=settings.attributes,
         strict=settings.strict,
         progress=progress,
@@ -229,125 +93,10 @@ def build_model(settings: TrainSettings, data: ImageData) -> GenerativeModel:
     return create_model(settings.model, **settings.model_config, **model_class.data_config(data))
 
 
-class _Window:
-    """Loss sums and throughput since the last log record, kept on the device between logs.
+class Trainer(TrainingRun):
+    """A generative model's training run (the loop and its plumbing are `zoo.run`'s)."""
 
-    Every term the model's loss reports is averaged (models with an adversary or an
-    attribute head report more than loss, recon and KL). Each step adds its losses weighted
-    by this process's share of the global batch, so under DDP the sum over ranks is the
-    global-batch mean. The window is saved with the training state: after a kill or Ctrl-C,
-    the resumed run's next record still covers every step since the last one.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.keys: list[str] = []
-        self.sums = torch.zeros(0, device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums.zero_()
-        self.steps = 0
-        self.images = 0
-        self.start = time.perf_counter()
-
-    def add(self, losses: dict[str, torch.Tensor], images: int, share: float) -> None:
-        if not self.keys:
-            self.keys = list(losses)
-            self.sums = torch.zeros(len(self.keys), device=self.device)
-        self.sums += share * torch.stack([losses[k].detach().float() for k in self.keys])
-        self.steps += 1
-        self.images += images
-
-    def merge_ranks(self, *, keep: bool = True) -> None:
-        """Add up the losses and images of all ranks (DDP). With ``keep`` False this rank's
-        copy empties, so only rank 0 carries the merged window on and each image counts once."""
-        extra = torch.tensor([float(self.images)], device=self.sums.device)
-        totals = distributed.sum_over_ranks(torch.cat([self.sums, extra]))
-        self.sums = totals[:-1] if keep else torch.zeros_like(self.sums)
-        self.images = int(totals[-1].item()) if keep else 0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def rate(self) -> float:
-        return self.images / max(self.elapsed(), 1e-9)
-
-    def means(self) -> dict[str, float]:
-        return dict(zip(self.keys, (self.sums / self.steps).tolist(), strict=True))
-
-    def state(self) -> dict[str, Any]:
-        """The open window as JSON (float32 sums survive the round trip exactly)."""
-        return {
-            "keys": self.keys,
-            "sums": self.sums.tolist(),
-            "steps": self.steps,
-            "images": self.images,
-            "elapsed": self.elapsed(),
-        }
-
-    def load_state(self, state: dict[str, Any], *, sums: bool = True) -> None:
-        """Reopen a saved window; without ``sums`` (DDP ranks but 0) its terms start at zero."""
-        if not state:
-            return
-        self.keys = list(state["keys"])
-        self.sums = torch.tensor(state["sums"], dtype=torch.float32, device=self.device)
-        self.steps = int(state["steps"])
-        self.images = int(state["images"])
-        self.start = time.perf_counter() - float(state["elapsed"])
-        if not sums:
-            self.sums.zero_()
-            self.images = 0
-
-
-class _CtrlC:
-    """Ctrl-C during training, deferred to the end of the step by a SIGINT handler, so the
-    saved weights and step counter always agree; a second Ctrl-C stops at once, unsaved.
-
-    Installed only in the main thread (Python delivers signals there alone); the previous
-    handler comes back afterwards.
-    """
-
-    def __init__(self) -> None:
-        self.pressed = False
-        self._previous: Any = None
-        self._installed = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-
-    def __enter__(self) -> _CtrlC:
-        self.pressed = False
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._installed:
-            previous = self._previous if self._previous is not None else signal.SIG_DFL
-            signal.signal(signal.SIGINT, previous)
-            self._installed = False
-
-
-def training_progress(enabled: bool) -> Progress:
-    """The bar of every training loop: steps, the loop's live numbers (`stats`), time and ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
-class Trainer:
-    """Holds the state of one run; `run()` trains until the step budget, an error or Ctrl-C."""
+    weights_file = MODEL_FILE
 
     def __init__(
         self,
@@ -358,148 +107,57 @@ class Trainer:
     ) -> None:
         settings.validate()
         get_model_class(settings.model)  # an unknown name fails before any data work
-        self.settings = settings
-        self.ranks = distributed.launched_ranks()
-        self.is_main = self.ranks is None or self.ranks.is_main
-        self.show_progress = progress and self.is_main
-        if self.ranks is None:
-            self.device = pick_device(settings.device)
-        else:
-            self.device = distributed.device_for(self.ranks, settings.device)
-            distributed.join(self.ranks, self.device)
-        keep_freed_memory()
-        self.precision_choice = self._choose_precision()
-        self.precision = self.precision_choice.precision
-        if settings.deterministic:
-            # cuBLAS needs this workspace setting to be deterministic; harmless elsewhere
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        self.data = self._load_data()
-        torch.manual_seed(settings.seed)
-        self.model = build_model(settings, self.data).to(self.device)
-        if self.ranks is not None:  # same weights everywhere, a different noise stream per rank
-            torch.manual_seed(settings.seed * 1_000_003 + self.ranks.rank)
-        self.trainable = self._trainable()
+        self.name = settings.model
+        super().__init__(settings, resume=resume, progress=progress)
+
+    def load_data(self, progress: bool) -> ImageData:
+        return load_training_data(self.settings, progress=progress)
+
+    def build(self) -> tuple[GenerativeModel, torch.optim.Optimizer]:
+        model = build_model(self.settings, self.data).to(self.device)
         # one fused kernel instead of ~10 small ops per parameter (README: speed)
         fused = self.device.type in FUSED_ADAM_DEVICES
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.lr, fused=fused)
-        self.steps_per_epoch = math.ceil(len(self.data) / settings.batch_size)
-        self.total_steps = settings.epochs * self.steps_per_epoch
-        if settings.max_steps is not None:
-            self.total_steps = min(self.total_steps, settings.max_steps)
-        self.step = 0
-        self.wall_time = 0.0  # of the closed logging windows; the open one has its own clock
-        self.images_seen = 0
-        self.last_rate = 0.0
-        self.last_losses: dict[str, float] = {}
-        self.last_saved_step = 0
-        self.window = _Window(self.device)
-        self.ctrl_c = _CtrlC()
-        self.stop_agreed = False  # under DDP: Ctrl-C was pressed on some rank, all ranks know
-        if resume is None:
-            self.run_dir = self._new_run_dir()
-        else:
-            self.run_dir = Path(resume)
-            self._restore()
-        if self.is_main:
-            record = json.dumps(self._settings_record(), indent=2)
-            atomic_write_text(self.run_dir / SETTINGS_FILE, record)
+        return model, torch.optim.Adam(model.parameters(), lr=self.settings.lr, fused=fused)
+
+    def started(self) -> None:
         self.preview = self._preview_batch()
 
-    def _choose_precision(self) -> PrecisionChoice:
-        """Under DDP rank 0 decides ``auto`` (it may run the probe) and the other ranks follow."""
-        requested = self.settings.precision
-        if self.ranks is None or requested != "auto":
-            return choose_precision(self.device, requested)
-        choice = choose_precision(self.device, requested) if self.is_main else None
-        agreed = distributed.broadcast_text(
-            choice.precision if choice else "", self.ranks, self.device
+    def losses(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        x, y = inputs
+        return self.trainable(x, y, kl_weight=self._kl_weight())
+
+    def _kl_weight(self) -> float:
+        warmup = self.settings.kl_warmup_steps
+        return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
+
+    def record_fields(self) -> dict[str, Any]:
+        return {"kl_weight": self._kl_weight()}
+
+    def after_log(self, epoch_end: bool, finished: bool) -> None:
+        every = self.settings.sample_every
+        if finished or (self.step % every == 0 if every else epoch_end):
+            self.write_samples()
+
+    def stats(self) -> str:
+        losses = self.last_losses
+        return (
+            (
+                f"loss {losses['loss']:9.2f}  recon {losses['recon']:9.2f}  "
+                f"KL {losses['kl']:7.2f}  {self.last_rate:6.0f} img/s"
+            )
+            if losses
+            else ""
         )
-        return choice or PrecisionChoice(agreed, "auto: as rank 0 chose")
 
-    def _load_data(self) -> ImageData:
-        """Rank 0 prepares the cache first; the other ranks then only read it."""
-        if self.ranks is not None and not self.is_main:
-            torch.distributed.barrier()
-        data = load_training_data(self.settings, progress=self.show_progress)
-        if self.ranks is not None and self.is_main:
-            torch.distributed.barrier()
-        if len(data) == 0:
-            raise ZooError(f"split {self.settings.split!r} of {data.root} has no images")
-        return data
-
-    def _trainable(self) -> torch.nn.Module:
-        """The module the loop calls: the model, wrapped in DDP and/or torch.compile."""
-        trainable: torch.nn.Module = self.model
-        if self.ranks is not None:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            trainable = torch.nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids)
-        if self.settings.compile:
-            trainable = torch.compile(trainable)
-        return trainable
-
-    def _new_run_dir(self) -> Path:
-        """Rank 0 names and creates the run folder; the other ranks learn its name."""
-        path = new_run_dir(Path(self.settings.out), self.settings.model) if self.is_main else None
-        if self.ranks is None:
-            return path
-        return Path(distributed.broadcast_text(str(path or ""), self.ranks, self.device))
-
-    # -- state ------------------------------------------------------------------------------------
-
-    def _settings_record(self) -> dict[str, Any]:
+    def settings_record(self) -> dict[str, Any]:
         return {
-            "settings": dataclasses.asdict(self.settings),
+            **super().settings_record(),
             "model": self.settings.model,
             "model_config": self.model.config.to_dict(),
             "data": self.data.describe(),
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
         }
-
-    def _restore(self) -> None:
-        """Continue from ``train_state.safetensors``: weights, optimizer, step and RNG."""
-        state_path = self.run_dir / STATE_FILE
-        if not state_path.is_file():
-            raise ZooError(
-                f"cannot resume {self.run_dir}: {STATE_FILE} is missing (the run never saved); "
-                "start a new run instead"
-            )
-        if self.is_main:
-            for path in remove_temporaries(self.run_dir):
-                log.info("removed %s, left by a write that was killed", path.name)
-        state = load_train_state(state_path)
-        fingerprint = state.extra.get("data_fingerprint")
-        if fingerprint and fingerprint != self.data.fingerprint:
-            raise ZooError(
-                f"cannot resume {self.run_dir}: its data ({self.data.root}) has changed since "
-                "the run started (fingerprint differs); start a new run"
-            )
-        try:
-            self.model.load_state_dict(state.model_state)
-            self.optimizer.load_state_dict(state.optimizer_state)
-        except (RuntimeError, ValueError, KeyError) as error:
-            reason = error_reason(error)
-            raise ZooError(
-                f"{state_path} does not match the {self.settings.model} model of this run "
-                f"({reason}); the run folder is damaged"
-            ) from None
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.lr
-        _set_rng_state(state.rng_state, self.device, self.ranks)
-        self.step = state.step
-        self.last_saved_step = state.step
-        if self.is_main:
-            _truncate_metrics(self.run_dir / METRICS_FILE, state.step)
-        self.wall_time = float(state.extra.get("wall_time", 0.0))
-        self.images_seen = int(state.extra.get("images_seen", 0))
-        self.last_losses = state.extra.get("last_losses", {})
-        try:
-            self.window.load_state(state.extra.get("window", {}), sums=self.is_main)
-        except (KeyError, TypeError, ValueError):
-            raise ZooError(
-                f"{state_path} holds a malformed logging window; the run folder is damaged"
-            ) from None
 
     def _preview_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed handful of images for the sample grids, the same in every grid of the run."""
@@ -515,10 +173,10 @@ class Trainer:
             "lr": self.settings.lr,
             "seed": self.settings.seed,
             "final_losses": self.last_losses,
-            "wall_time_s": round(self._wall_time(), 2),
-            "images_per_s": round(self.images_seen / max(self._wall_time(), 1e-9), 1),
+            "wall_time_s": round(self.wall_time_s(), 2),
+            "images_per_s": round(self.images_seen / max(self.wall_time_s(), 1e-9), 1),
             "device": str(self.device),
-            "processes": self.ranks.world_size if self.ranks else 1,
+            "processes": self.ranks.world_size,
             "precision": self.precision,
             "compiled": self.settings.compile,
             "versions": {
@@ -528,21 +186,7 @@ class Trainer:
             },
         }
 
-    def _wall_time(self) -> float:
-        return self.wall_time + self.window.elapsed()
-
-    def save(self) -> None:
-        """Write weights, then training state; each write is atomic on its own.
-
-        Under DDP every rank calls this (the RNG states and logging windows are gathered);
-        rank 0 writes.
-        """
-        rng_state = _rng_state(self.device, self.ranks)
-        if self.ranks is not None:
-            self.window.merge_ranks(keep=self.is_main)
-        if not self.is_main:
-            return
-        self.model.eval()
+    def save_weights(self) -> None:
         attr_rates = self.data.attrs.mean(dim=0).tolist() if self.data.attr_names else []
         save_checkpoint(
             self.run_dir / MODEL_FILE,
@@ -554,22 +198,6 @@ class Trainer:
             training=self.summary(),
             source=_source_of(self.settings.model),
         )
-        save_train_state(
-            self.run_dir / STATE_FILE,
-            self.model,
-            self.optimizer,
-            step=self.step,
-            rng_state=rng_state,
-            extra={
-                "wall_time": self.wall_time,
-                "images_seen": self.images_seen,
-                "last_losses": self.last_losses,
-                "data_fingerprint": self.data.fingerprint,
-                "window": self.window.state(),
-            },
-        )
-        self.last_saved_step = self.step
-        self.model.train()
 
     def write_samples(self) -> Path | None:
         if not self.is_main:
@@ -581,184 +209,7 @@ class Trainer:
         self.model.train()
         return path
 
-    # -- the loop ---------------------------------------------------------------------------------
-
-    def _shard(self, plan: EpochPlan) -> Shard:
-        """This process's images of the step's global batch (all of them without DDP).
-
-        Under DDP the global batch is split as evenly as it goes. A rank left without images
-        (a last batch smaller than the number of ranks) still runs the step, on the batch's
-        first image at share 0, so the gradient all-reduce happens and adds nothing from it.
-        """
-        start = (self.step % self.steps_per_epoch) * self.settings.batch_size
-        positions = torch.arange(start, min(start + self.settings.batch_size, len(plan.order)))
-        global_images = len(positions)
-        if self.ranks is not None:
-            positions = positions.tensor_split(self.ranks.world_size)[self.ranks.rank]
-        images = len(positions)
-        if images == 0:
-            positions = torch.tensor([start])
-        flips = plan.flips[positions] if self.settings.flip else False
-        return Shard(plan.order[positions], flips, images, global_images)
-
-    def _kl_weight(self) -> float:
-        warmup = self.settings.kl_warmup_steps
-        return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
-
-    def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, share: float = 1.0
-    ) -> dict[str, torch.Tensor] | None:
-        """One optimizer step; None when the step was skipped for a non-finite loss or gradient.
-
-        ``share`` is this process's fraction of the global batch. The model's loss is a mean
-        over this process's images; scaled by share x ranks, DDP's average of the ranks'
-        gradients is the gradient of the global-batch mean, as with one process.
-
-        The finiteness check is the loop's one host sync per step: a NaN must be caught at the
-        step it appears, before the optimizer writes it into the weights. Under DDP the same
-        all-reduce tells every rank whether Ctrl-C was pressed on any of them.
-        """
-        with autocast(self.device, self.precision):
-            losses = self.trainable(x, y, kl_weight=self._kl_weight())
-        self.optimizer.zero_grad(set_to_none=True)
-        ranks = self.ranks.world_size if self.ranks else 1
-        (losses["loss"] * (share * ranks)).backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        health = torch.stack(
-            [losses["loss"].detach().float(), torch.nn.utils.get_total_norm(grads)]
-        )
-        if self.ranks is not None:
-            finite, self.stop_agreed = distributed.agree(health, self.ctrl_c.pressed)
-        else:
-            finite = bool(torch.isfinite(health).all())
-        if not finite:
-            if self.settings.on_nan == "stop":
-                raise ZooError(self._nan_message(losses, health[1]))
-            log.warning("non-finite loss or gradient at step %d; step skipped", self.step + 1)
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
-        return losses
-
-    def run(self) -> TrainResult:
-        """Train to the step budget, an error or Ctrl-C.
-
-        Ctrl-C takes effect between steps: the run saves and returns. A second Ctrl-C stops at
-        once without saving (the last save stands, as after a kill). A NaN stops or skips.
-        """
-        settings = self.settings
-        forced = False
-        plan = epoch_plan(len(self.data), settings.seed, self.step // self.steps_per_epoch)
-        self.model.train()
-        self.stop_agreed = False
-        metrics_path = self.run_dir / METRICS_FILE if self.is_main else Path(os.devnull)
-        with (
-            training_progress(self.show_progress) as progress,
-            metrics_path.open("a") as metrics,
-            self.ctrl_c,
-        ):
-            task = progress.add_task(
-                settings.model, total=self.total_steps, completed=self.step, stats=""
-            )
-            try:
-                while self.step < self.total_steps and not self._stopping():
-                    if self.step % self.steps_per_epoch == 0:
-                        plan = epoch_plan(
-                            len(self.data), settings.seed, self.step // self.steps_per_epoch
-                        )
-                    shard = self._shard(plan)
-                    x, y = self.data.batch(shard.index, self.device, flip=shard.flips)
-                    losses = self.train_step(x, y, shard.images / shard.global_images)
-                    self.step += 1
-                    if losses is not None:
-                        self.window.add(losses, shard.images, shard.images / shard.global_images)
-                        self.images_seen += shard.global_images
-                    epoch_end = self.step % self.steps_per_epoch == 0
-                    finished = self.step == self.total_steps
-                    if self.window.steps >= settings.log_every or epoch_end or finished:
-                        self._log(metrics)
-                        progress.update(task, stats=self._stats())
-                    progress.update(task, completed=self.step)
-                    every = settings.sample_every
-                    if finished or (self.step % every == 0 if every else epoch_end):
-                        self.write_samples()
-                    if finished or epoch_end or self.step % settings.save_every == 0:
-                        self.save()
-                if self._stopping() and self.last_saved_step != self.step:
-                    self.save()
-            except KeyboardInterrupt:
-                forced = True
-                log.warning(
-                    "stopped by a second Ctrl-C without saving; the last save is from step %d",
-                    self.last_saved_step,
-                )
-            finally:
-                if self.ranks is not None:
-                    distributed.leave()
-        interrupted = forced or self.step < self.total_steps
-        step = self.last_saved_step if forced else self.step
-        return TrainResult(self.run_dir, step, self.total_steps, interrupted, self.summary())
-
-    def _stopping(self) -> bool:
-        """Whether Ctrl-C asks to stop before the next step: at once in one process; under DDP
-        once every rank knows, so they all stop after the same step."""
-        return self.stop_agreed if self.ranks is not None else self.ctrl_c.pressed
-
-    def _log(self, metrics: Any) -> None:
-        """Close the logging window: the only place the loop syncs with the device."""
-        window = self.window
-        self.wall_time += window.elapsed()
-        if self.ranks is not None:
-            window.merge_ranks()
-        if window.steps:
-            self.last_losses = window.means()
-        record = {
-            "step": self.step,
-            "epoch": round(self.step / self.steps_per_epoch, 4),
-            **self.last_losses,
-            "kl_weight": self._kl_weight(),
-            "img_per_s": window.rate(),
-            "wall_time_s": round(self.wall_time, 3),
-        }
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
-        self.last_rate = window.rate()
-        window.reset()
-
-    def _stats(self) -> str:
-        losses = self.last_losses
-        return (
-            (
-                f"loss {losses['loss']:9.2f}  recon {losses['recon']:9.2f}  "
-                f"KL {losses['kl']:7.2f}  {self.last_rate:6.0f} img/s"
-            )
-            if losses
-            else ""
-        )
-
-    def _nan_message(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> str:
-        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        parts += f", gradient norm={grad_norm.item():.4g}"
-        kept = (
-            f"the last good checkpoint {self.run_dir / MODEL_FILE} is from step "
-            f"{self.last_saved_step}"
-            if self.last_saved_step
-            else "nothing was saved"
-        )
-        return (
-            f"loss or gradient is not finite at step {self.step + 1} ({parts}); {kept}; "
-            "lower --lr, or pass --on-nan skip to skip such steps"
-        )
-
 
 def resume_settings(run_dir: Path, **overrides: Any) -> TrainSettings:
     """The settings a run was started with, with step budgets optionally extended."""
-    path = Path(run_dir) / SETTINGS_FILE
-    if not path.is_file():
-        raise ZooError(f"cannot resume {run_dir}: {SETTINGS_FILE} is missing; is it a zoo run?")
-    try:
-        stored = json.loads(path.read_text())["settings"]
-    except (json.JSONDecodeError, KeyError):
-        raise ZooError(f"{path} is not a zoo run config; the run folder is damaged") from None
-    stored.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainSettings(**stored)
+    return stored_settings(run_dir, TrainSettings, **overrides)

@@ -1,8 +1,11 @@
 """Datasets as uint8 tensors with 0/1 attribute labels, from CelebA, synthetic faces or MNIST.
 
-``load_data`` is the one entry point the trainer, benchmarks and CLI use: it resolves where the
-data lives, prepares (once) a memory-mapped cache and returns an ``ImageData`` whose batches
-are float images in [0, 1]. The submodules are leaves; this module assembles them.
+``load_data`` loads a split of a source (``resolve_source``: --data, $ZOO_DATA, ./data/celeba or
+the synthetic faces; resolve once per command and pass the `Source` on), preparing (once) a
+memory-mapped cache, and returns an ``ImageData`` whose batches are float images in [0, 1].
+``checkpoint_data`` answers "the data this checkpoint was trained on, or --data, at its
+preprocessing" for the latent tools and the benchmarks. The submodules are leaves; this
+module assembles them.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torchvision.io import ImageReadMode
@@ -21,6 +24,9 @@ from torchvision.transforms.v2.functional import resize, rgb_to_grayscale
 from zoo.data import cache, celeba, mnist, synth
 from zoo.data.cache import cache_dir
 from zoo.errors import ZooError
+
+if TYPE_CHECKING:
+    from zoo.checkpoint import CheckpointInfo
 
 __all__ = [
     "ImageData",
@@ -38,7 +44,6 @@ DEFAULT_CELEBA = Path("data") / "celeba"
 SYNTHETIC_COUNT = 12_000
 SYNTHETIC_SIZE = 64
 # commands resolve the source more than once (e.g. the trainer, then load_data): warn once
-_announced_fallbacks: set[Path] = set()
 
 
 @dataclass
@@ -140,6 +145,22 @@ class ImageData:
             attrs = attrs.to(device, non_blocking=True)
         return images.float().div_(255), attrs
 
+    @property
+    def source(self) -> Source:
+        """Where this data came from, to load another split without resolving again."""
+        return Source("mnist" if self.name == "mnist" else "celeba", Path(self.root))
+
+    def labels(self, names: list[str]) -> torch.Tensor:
+        """The attributes ``names`` in that order (a model's, which may be a subset): how a
+        conditional model is fed labels of data that holds more attributes, in any order."""
+        missing = [name for name in names if name not in self.attr_names]
+        if missing:
+            raise ZooError(
+                f"data at {self.root} lacks attributes the model was trained with: "
+                f"{', '.join(missing[:5])}; use the data the model was trained on (--data)"
+            )
+        return self.attrs[:, [self.attr_names.index(name) for name in names]]
+
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable identity of the data, for run configs and benchmark reports."""
         return {
@@ -153,13 +174,27 @@ class ImageData:
         }
 
 
-def resolve_source(spec: str | None, *, progress: bool = True) -> tuple[str, Path]:
-    """Where the data lives: ``spec`` (--data), else $ZOO_DATA, else ./data/celeba, else the
-    built-in synthetic faces (generated once into the cache dir).
+class Source(NamedTuple):
+    """A resolved data source: a CelebA-layout folder or a folder of MNIST IDX files."""
 
-    Returns ("mnist", dir) for ``mnist:DIR`` and ("celeba", dir) for any CelebA-layout folder.
-    A folder named explicitly that is not usable is a ZooError, never a silent fallback.
+    kind: str  # celeba | mnist
+    root: Path
+
+    @property
+    def default_image_size(self) -> int:
+        return 32 if self.kind == "mnist" else 64
+
+
+def resolve_source(spec: str | Source | None, *, progress: bool = True) -> Source:
+    """Where the data lives: ``spec`` (--data), else $ZOO_DATA, else ./data/celeba, else the
+    built-in synthetic faces (generated once into the cache dir, with a one-line notice).
+
+    ``mnist:DIR`` is MNIST; any other folder must have the CelebA layout. A folder named
+    explicitly that is not usable is a ZooError, never a silent fallback. Resolve once per
+    command and pass the `Source` on: it is also a valid ``spec``.
     """
+    if isinstance(spec, Source):
+        return spec
     given = spec or os.environ.get("ZOO_DATA") or None
     if given is not None:
         if given.startswith("mnist:"):
@@ -167,20 +202,48 @@ def resolve_source(spec: str | None, *, progress: bool = True) -> tuple[str, Pat
                 raise ZooError("--data mnist: needs a folder, e.g. --data mnist:data/mnist")
             folder = Path(given.removeprefix("mnist:")).expanduser().resolve()
             mnist.require_folder(folder)
-            return "mnist", folder
+            return Source("mnist", folder)
         folder = Path(given).expanduser().resolve()
         celeba.require_layout(folder)
-        return "celeba", folder
+        return Source("celeba", folder)
 
     default = DEFAULT_CELEBA.resolve()
     missing = celeba.missing_parts(default)
     if not missing:
-        return "celeba", default
-    return "celeba", _synthetic_fallback(default, missing, progress=progress)
+        return Source("celeba", default)
+    return Source("celeba", _synthetic_fallback(default, missing, progress=progress))
+
+
+def checkpoint_source(
+    info: CheckpointInfo, override: str | None, *, progress: bool = True
+) -> Source:
+    """Where the data a checkpoint was trained on is now: ``override`` (--data) wins, then the
+    folder the checkpoint records if it still exists, then the usual resolution (a benchmark
+    says when the data it measured is not the recorded data)."""
+    root = info.data.get("root")
+    if override or not root or not Path(root).exists():
+        return resolve_source(override, progress=progress)
+    return resolve_source(f"mnist:{root}" if info.data.get("name") == "mnist" else root)
+
+
+def checkpoint_data(
+    info: CheckpointInfo,
+    split: str,
+    override: str | None = None,
+    *,
+    source: Source | None = None,
+    progress: bool = True,
+) -> ImageData:
+    """One split of the data a checkpoint was trained on (or ``override``), preprocessed as the
+    model was trained. Pass ``source`` (from `checkpoint_source`) to resolve once for several
+    splits."""
+    source = source or checkpoint_source(info, override, progress=progress)
+    image_size = Preprocess.from_dict(info.preprocess).image_size
+    return load_data(source, split, image_size, progress=progress)
 
 
 def load_data(
-    spec: str | None = None,
+    spec: str | Source | None = None,
     split: str = "train",
     image_size: int = 64,
     *,
@@ -236,7 +299,7 @@ def load_image_file(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
 
 
 def _synthetic_fallback(default: Path, missing: list[str], *, progress: bool) -> Path:
-    """Generate (once) and announce (once per process) the built-in synthetic faces."""
+    """Generate (once) and announce the built-in synthetic faces."""
     count_text = os.environ.get("ZOO_SYNTHETIC_N", str(SYNTHETIC_COUNT))
     if not count_text.isdigit() or int(count_text) < 10:
         raise ZooError(f"ZOO_SYNTHETIC_N={count_text!r} must be a whole number >= 10")
@@ -244,17 +307,15 @@ def _synthetic_fallback(default: Path, missing: list[str], *, progress: bool) ->
     folder = cache_dir() / f"synthetic-faces-v{synth.VERSION}-n{count}-s{SYNTHETIC_SIZE}-seed0"
     with cache.build_lock(folder.name):  # commands started at once draw the faces once
         synth.write_synthetic(folder, count, SYNTHETIC_SIZE, 0, progress=progress)
-    if folder not in _announced_fallbacks:
-        _announced_fallbacks.add(folder)
-        reason = "does not exist" if not default.exists() else f"has no {missing[0]}"
-        logger.warning(
-            "no CelebA found (%s %s): using %d built-in synthetic faces from %s; "
-            "pass --data DIR or set ZOO_DATA to a CelebA folder for real faces",
-            default,
-            reason,
-            count,
-            folder,
-        )
+    reason = "does not exist" if not default.exists() else f"has no {missing[0]}"
+    logger.warning(
+        "no CelebA found (%s %s): using %d built-in synthetic faces from %s; "
+        "pass --data DIR or set ZOO_DATA to a CelebA folder for real faces",
+        default,
+        reason,
+        count,
+        folder,
+    )
     return folder
 
 

@@ -41,9 +41,7 @@ class TotalCorrelationLoss(GenerativeModel):
     def loss(
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
-        posterior = self.encode(x, y)
-        z = posterior.sample()
-        recon = self.reconstruction_nll(self.decode_logits(z, y), x).mean()
+        posterior, z, recon = self.encode_and_reconstruct(x, y)
         batch = x.shape[0]
         dataset_size = max(self.config.dataset_size, batch)
         log_norm = math.log(batch * dataset_size)

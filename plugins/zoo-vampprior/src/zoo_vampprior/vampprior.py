@@ -66,9 +66,7 @@ class VampPriorMixin:
     def loss(
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
-        posterior = self.encode(x, y)
-        z = posterior.sample()
-        recon = self.reconstruction_nll(self.decode_logits(z, y), x).mean()
+        posterior, z, recon = self.encode_and_reconstruct(x, y)
         kl = (posterior.log_prob(z) - self.log_prior(z)).mean()
         return {"loss": recon + self.config.beta * kl_weight * kl, "recon": recon, "kl": kl}
 
