@@ -6,7 +6,8 @@ through the ``zoo.metrics`` entry-point group). It receives a `BenchContext`
 JSON-serialisable dict of numbers with the settings that produced them. A
 metric that cannot be computed raises `ZooError` with the reason; the runner
 records it (any other exception too, with its type), goes on with the other
-metrics and exits non-zero at the end.
+metrics and exits non-zero at the end. `select_metrics` says which metrics a plain
+`zoo bench` runs: every registered one, built-ins first, plugins after.
 """
 
 from __future__ import annotations
