@@ -475,8 +475,7 @@ class TrainingRun:
         Every rank calls this (the RNG states and logging windows are gathered); rank 0 writes.
         """
         rng_state = _rng_state(self.device, self.ranks)
-        if not self.ranks.solo:
-            self.window.merge_ranks(self.ranks, keep=self.is_main)
+        self.window.merge_ranks(self.ranks, keep=self.is_main)
         if not self.is_main:
             return
         self.model.eval()
@@ -611,8 +610,7 @@ class TrainingRun:
         """Close the logging window: the only place the loop syncs with the device."""
         window = self.window
         self.wall_time += window.elapsed()
-        if not self.ranks.solo:
-            window.merge_ranks(self.ranks)
+        window.merge_ranks(self.ranks)
         if window.steps:
             self.last_losses = window.means()
         record = {
