@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_origin
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import zoo
@@ -42,7 +43,7 @@ class _OneLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         style = "yellow" if record.levelno >= logging.WARNING else "cyan"
         label = "warning" if record.levelno >= logging.WARNING else "note"
-        err_console.print(f"[{style}]{label}:[/] {record.getMessage()}", soft_wrap=True)
+        err_console.print(f"[{style}]{label}:[/] {escape(record.getMessage())}", soft_wrap=True)
 
 
 def _setup_logging() -> None:
@@ -148,7 +149,7 @@ def user_errors(func: F) -> F:
             _check_options(func, kwargs)
             return func(*args, **kwargs)
         except ZooError as error:
-            err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -253,6 +254,12 @@ def train(
     nproc: Annotated[
         int, typer.Option(help="Processes on this machine (DDP through torchrun)."), Bounds(1, 256)
     ] = 1,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard", help="Also write TensorBoard event files (the tensorboard extra)."
+        ),
+    ] = False,
     progress: ProgressOption = True,
 ) -> None:
     """Train a registered model; writes runs/<model>-<time>/ with weights, samples and logs."""
@@ -263,7 +270,9 @@ def train(
     if nproc > 1 and launched_ranks().solo:
         raise typer.Exit(relaunch(nproc, sys.argv[1:]))
     if resume is not None:
-        settings = resume_settings(resume, epochs=epochs, max_steps=max_steps)
+        settings = resume_settings(
+            resume, epochs=epochs, max_steps=max_steps, tensorboard=tensorboard or None
+        )
     else:
         if model is None:
             raise ZooError("name a model to train (see `zoo list`), or pass --resume RUN_DIR")
@@ -295,6 +304,7 @@ def train(
             deterministic=deterministic,
             strict=strict,
             on_nan=on_nan,
+            tensorboard=tensorboard,
         )
     trainer = Trainer(settings, resume=resume, progress=progress)
     if not trainer.is_main:  # under DDP only rank 0 reports
@@ -324,9 +334,27 @@ def train(
     samples = sorted((result.run_dir / "samples").glob("*.png"))
     if samples:
         console.print(f"samples  {samples[-1]}", soft_wrap=True)
+    for label, name in (("curves", "curves.png"), ("card", "README.md")):
+        if (result.run_dir / name).is_file():
+            console.print(f"{label:<8} {result.run_dir / name}", soft_wrap=True)
     if result.interrupted:
         console.print(f"continue with: zoo train --resume {result.run_dir}", soft_wrap=True)
         raise typer.Exit(130)
+
+
+@app.command()
+@user_errors
+def curves(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (with metrics.jsonl).")],
+    out: Annotated[Path, typer.Option(help="The PNG to write."), Writable("file")] = Path(
+        "curves.png"
+    ),
+) -> None:
+    """Overlay the loss curves of several runs, one panel per loss term, with a legend."""
+    from zoo.curves import draw_curves, read_records
+
+    records = {f"{run.name}": read_records(run) for run in runs}
+    console.print(f"wrote {draw_curves(records, out)}", soft_wrap=True)
 
 
 @app.command("list")
@@ -389,15 +417,23 @@ def check_plugin(
 @app.command()
 @user_errors
 def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors file.")]) -> None:
-    """Show what a checkpoint holds: model, config, attributes, data and training summary."""
+    """Show what a checkpoint holds: model, paper, config, data, training, benchmark results,
+    and where its model card and loss curves are."""
+    from zoo.card import card_path, read_bench_results
+    from zoo.curves import CURVES_FILE
+    from zoo.registry import MODELS
+
     details = zoo.read_info(checkpoint)
     table = Table(title=str(checkpoint), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     training = details.training
     source = " ".join(filter(None, [details.source, details.source_version]))
+    model_class = MODELS.get(details.model_name) if details.model_name in MODELS.names() else None
     rows = {
         "model": f"{details.model_name} (from {source})",
+        "family": getattr(model_class, "family", "") or "-",
+        "paper": getattr(model_class, "paper", "") or "-",
         "config": json.dumps(details.config),
         "attributes": f"{len(details.attr_names)}: {', '.join(details.attr_names)}",
         "data": json.dumps({k: v for k, v in details.data.items() if k != "attr_names"}),
@@ -405,6 +441,14 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors fi
         "training": json.dumps({k: v for k, v in training.items() if k != "final_losses"}),
         "final losses": json.dumps(training.get("final_losses", {})),
     }
+    for entry in read_bench_results(checkpoint).values():
+        numbers = ", ".join(f"{k} {v}" for k, v in entry["headline"].items())
+        rows[f"bench {entry['metric']}"] = f"{numbers} ({entry['date']})"
+    for label, path in (
+        ("card", card_path(checkpoint)),
+        ("curves", checkpoint.with_name(CURVES_FILE)),
+    ):
+        rows[label] = str(path) if path.is_file() else "not written"
     for key, value in rows.items():
         table.add_row(key, value)
     console.print(table)
@@ -720,7 +764,7 @@ def bench(
 ) -> None:
     """Benchmark checkpoints: FID, reconstruction, attribute-edit accuracy and throughput."""
     from benchmarks.metric import BenchSettings, select_metrics
-    from benchmarks.report import leaderboard, write_report
+    from benchmarks.report import leaderboard, update_model_cards, write_report
     from benchmarks.runner import latest_runs, run_bench
 
     settings = BenchSettings(
@@ -759,10 +803,13 @@ def bench(
             )
         for name, message in result.errors.items():
             err_console.print(
-                f"[red]not computed:[/] {result.info.model_name} {name}: {message}", soft_wrap=True
+                f"[red]not computed:[/] {result.info.model_name} {name}: {escape(message)}",
+                soft_wrap=True,
             )
     json_path, markdown_path = write_report(report, out)
     console.print(f"wrote {json_path} and {markdown_path}", soft_wrap=True)
+    for card in update_model_cards(report):
+        console.print(f"updated {card}", soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 

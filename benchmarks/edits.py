@@ -230,6 +230,10 @@ class EditAccuracy(Metric):
             },
         }
 
+    def card_values(self, result: dict[str, Any]) -> dict[str, float]:
+        mean = result["mean"]
+        return {"edit acc": mean["accuracy"], "preservation": mean["preservation"]}
+
     def headline(self, result: dict[str, Any]) -> dict[str, str]:
         trusted = result["trusted_ruler"]
         return {

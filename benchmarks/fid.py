@@ -571,5 +571,8 @@ class FrechetDistance(Metric):
             **extractor.details,
         }
 
+    def card_values(self, result: dict[str, Any]) -> dict[str, float]:
+        return {result["name"]: result["value"]}
+
     def headline(self, result: dict[str, Any]) -> dict[str, str]:
         return {result["name"]: f"{result['value']:.2f}"}

@@ -141,6 +141,17 @@ class Metric:
         """The few numbers that go into the leaderboard table, formatted, keyed by column."""
         raise NotImplementedError
 
+    def card_values(self, result: dict[str, Any]) -> dict[str, float]:
+        """The headline numbers unformatted, for a model card's ``model-index``: by default each
+        headline that reads as a plain number; metrics override it to give full precision."""
+        values = {}
+        for name, text in self.headline(result).items():
+            try:
+                values[name] = float(text)
+            except ValueError:
+                continue
+        return values
+
     def data_used(self, context: BenchContext) -> dict[str, Any]:
         """The images this metric measures (`BenchContext.data_record`); metrics that use
         another number of them override it."""

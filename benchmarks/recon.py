@@ -36,6 +36,9 @@ class Reconstruction(Metric):
         mse, psnr, ssim = (totals / context.count).tolist()
         return {"mse": mse, "psnr": psnr, "ssim": ssim, "n": context.count}
 
+    def card_values(self, result: dict[str, Any]) -> dict[str, float]:
+        return {"MSE": result["mse"], "PSNR": result["psnr"], "SSIM": result["ssim"]}
+
     def headline(self, result: dict[str, Any]) -> dict[str, str]:
         return {
             "MSE": f"{result['mse']:.4f}",

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from benchmarks.runner import BenchReport
+from zoo.card import card_path, record_bench_result
+from zoo.errors import ZooError
+
+log = logging.getLogger(__name__)
 
 
 def leaderboard(report: BenchReport) -> tuple[list[str], list[list[str]]]:
@@ -86,3 +92,26 @@ def write_report(report: BenchReport, path: Path) -> tuple[Path, Path]:
     table = path.with_suffix(".md")
     table.write_text(markdown(report))
     return path, table
+
+
+def update_model_cards(report: BenchReport) -> list[Path]:
+    """Add each checkpoint's computed metrics to the model card beside it (`zoo.card`),
+    replacing older results of the same metric and settings; the cards written. A card that
+    cannot be written (a read-only folder) is a warning, never a failed benchmark."""
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(report.settings).items()
+        if k not in ("progress", "runs_dir")
+    }
+    written = []
+    for result in report.results:
+        try:
+            for name, (values, headline) in result.card.items():
+                used = result.data_used.get(name, {})
+                keyed = {**settings, "device": report.device, "data": used.get("fingerprint")}
+                record_bench_result(result.checkpoint, name, keyed, values, headline, used)
+            if result.card:
+                written.append(card_path(result.checkpoint))
+        except (OSError, ZooError) as error:
+            log.warning("model card of %s not updated: %s", result.checkpoint, error)
+    return written

@@ -60,6 +60,7 @@ class ModelResult:
     data_note: str | None = None  # set when the data measured on is not the training data
     figures: list[tuple[str, Figure]] = field(default_factory=list)
     figure_paths: list[str] = field(default_factory=list)  # filled when the report is written
+    card: dict[str, tuple[dict[str, float], dict[str, str]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -145,7 +146,9 @@ def run_bench(
             result.data_used[name] = metric.data_used(context)
             try:
                 result.metrics[name] = _checked(metric.compute(context))
-                result.headline.update(metric.headline(result.metrics[name]))
+                headline = metric.headline(result.metrics[name])
+                result.headline.update(headline)
+                result.card[name] = (metric.card_values(result.metrics[name]), headline)
             except KeyboardInterrupt:
                 raise
             except BaseException as error:  # a metric, built-in or plugin, may raise anything

@@ -129,6 +129,10 @@ class Throughput(Metric):
             calls[f"fid_features_{choice}"] = torch.no_grad()(lambda f=features, p=prepared: f(p))
         return calls
 
+    def card_values(self, result: dict[str, Any]) -> dict[str, float]:
+        rates = result["images_per_s"]
+        return {"gen img/s": rates["generate"], "train img/s": rates["train_step"]}
+
     def headline(self, result: dict[str, Any]) -> dict[str, str]:
         rates = result["images_per_s"]
         return {

@@ -137,6 +137,7 @@ class GenerativeModel(nn.Module):
 
     registry_name: ClassVar[str] = ""  # set by the registry
     family: ClassVar[str] = ""
+    paper: ClassVar[str] = ""  # the method's paper, for model cards: "Authors Year, Title"
     conditional: ClassVar[bool] = False
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
 

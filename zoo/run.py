@@ -42,6 +42,7 @@ from rich.progress import (
 from zoo import distributed
 from zoo.checkpoint import atomic_write_text, load_train_state, remove_temporaries, save_train_state
 from zoo.config import with_overrides
+from zoo.curves import write_run_curves
 from zoo.data import ImageData
 from zoo.device import PrecisionChoice, autocast, choose_precision, keep_freed_memory
 from zoo.errors import ZooError, error_reason
@@ -365,6 +366,15 @@ class TrainingRun:
     def after_log(self, epoch_end: bool, finished: bool) -> None:
         """After a step's log record (sample pictures)."""
 
+    def logged(self, record: dict[str, Any]) -> None:
+        """Rank 0, each record as it is written to ``metrics.jsonl`` (TensorBoard)."""
+
+    def saved(self) -> None:
+        """Rank 0, after each save and its ``curves.png`` (a model card)."""
+
+    def closed(self) -> None:
+        """Once, when `run` returns or fails (close writers)."""
+
     def stats(self) -> str:
         """The live numbers on the progress bar."""
         loss = self.last_losses.get("loss")
@@ -495,6 +505,8 @@ class TrainingRun:
             },
         )
         self.last_saved_step = self.step
+        write_run_curves(self.run_dir)
+        self.saved()
         self.model.train()
 
     def _shard(self, plan: EpochPlan) -> Shard:
@@ -597,6 +609,7 @@ class TrainingRun:
                 )
             finally:
                 self.ranks.leave()
+                self.closed()
         interrupted = forced or self.step < self.total_steps
         step = self.last_saved_step if forced else self.step
         return RunResult(self.run_dir, step, self.total_steps, interrupted, self.summary())
@@ -626,6 +639,8 @@ class TrainingRun:
             record.update(self.epoch_fields())
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+        if self.is_main:
+            self.logged(record)
         window.reset()
 
     def _nan_message(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> str:

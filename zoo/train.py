@@ -8,6 +8,7 @@ the loop, logging, saves, exact resume and DDP are `zoo.run`'s, shared with the 
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from dataclasses import dataclass, field
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.io import read_image
 
 import zoo
+from zoo.card import write_card
 from zoo.checkpoint import save_checkpoint
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.errors import ZooError
@@ -28,6 +31,8 @@ from zoo.samples import training_grid
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_HINT = "install the tensorboard extra: pip install 'zoo[tensorboard]'"
 
 
 @dataclass
@@ -57,6 +62,7 @@ class TrainSettings:
     on_nan: str = "stop"
     compile: bool = False
     deterministic: bool = False
+    tensorboard: bool = False
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "save_every", "log_every"):
@@ -87,6 +93,15 @@ def load_training_data(settings: TrainSettings, *, progress: bool = True) -> Ima
     )
 
 
+def summary_writer_class() -> Any:
+    """torch's TensorBoard writer, or a one-line error naming the extra (before any work)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ZooError(f"--tensorboard needs the tensorboard package; {TENSORBOARD_HINT}") from None
+    return SummaryWriter
+
+
 def build_model(settings: TrainSettings, data: ImageData) -> GenerativeModel:
     """Create the model with its image geometry and attribute count taken from the data."""
     model_class = get_model_class(settings.model)
@@ -107,8 +122,14 @@ class Trainer(TrainingRun):
     ) -> None:
         settings.validate()
         get_model_class(settings.model)  # an unknown name fails before any data work
+        writer_class = summary_writer_class() if settings.tensorboard else None
         self.name = settings.model
+        self.tensorboard: Any = None
         super().__init__(settings, resume=resume, progress=progress)
+        if writer_class is not None and self.is_main:
+            self.tensorboard = writer_class(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+            config = json.dumps(self.settings_record(), indent=2)
+            self.tensorboard.add_text("config", f"```\n{config}\n```", self.step)
 
     def load_data(self, progress: bool) -> ImageData:
         return load_training_data(self.settings, progress=progress)
@@ -137,6 +158,20 @@ class Trainer(TrainingRun):
         every = self.settings.sample_every
         if finished or (self.step % every == 0 if every else epoch_end):
             self.write_samples()
+
+    def logged(self, record: dict[str, Any]) -> None:
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+
+    def saved(self) -> None:
+        write_card(self.run_dir / MODEL_FILE)
+
+    def closed(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def stats(self) -> str:
         losses = self.last_losses
@@ -207,6 +242,9 @@ class Trainer(TrainingRun):
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         training_grid(self.model, images, attrs, path, seed=self.settings.seed)
         self.model.train()
+        if self.tensorboard is not None:
+            self.tensorboard.add_image("samples", read_image(str(path)), self.step)
+            self.tensorboard.flush()
         return path
 
 

@@ -22,6 +22,10 @@ class CVAE(GenerativeModel):
     """Conditional VAE: labels as an extra encoder channel and beside z in the decoder."""
 
     family = "CVAE"
+    paper = (
+        "Sohn et al. 2015, Learning Structured Output Representation using Deep Conditional "
+        "Generative Models"
+    )
     conditional = True
 
     def __init__(self, config: ModelConfig) -> None:

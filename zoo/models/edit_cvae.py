@@ -258,6 +258,7 @@ class FiLMCVAE(EditCVAE):
     """CVAE whose labels scale and shift every decoder stage (FiLM)."""
 
     family = "CVAE + FiLM"
+    paper = "Perez et al. 2018, FiLM: Visual Reasoning with a General Conditioning Layer"
     config_class = FiLMCVAEConfig
 
 
@@ -271,6 +272,7 @@ class FaderCVAE(EditCVAE):
     """CVAE whose encoder is trained to hide the labels from a latent discriminator (Fader)."""
 
     family = "CVAE + Fader adversary"
+    paper = "Lample et al. 2017, Fader Networks: Manipulating Images by Sliding Attributes"
     config_class = FaderCVAEConfig
 
 
@@ -285,6 +287,7 @@ class AttrCVAE(EditCVAE):
     """CVAE trained so an attribute head reads the labels it was decoded with (AttGAN)."""
 
     family = "CVAE + AttGAN loss"
+    paper = "He et al. 2019, AttGAN: Facial Attribute Editing by Only Changing What You Want"
     config_class = AttrCVAEConfig
 
 
@@ -298,6 +301,7 @@ class FiLMAttrCVAE(EditCVAE):
     """FiLM decoder trained against a noise-smoothed attribute head."""
 
     family = "CVAE + FiLM + AttGAN loss"
+    paper = "Perez et al. 2018 (FiLM); He et al. 2019 (AttGAN)"
     config_class = FiLMAttrCVAEConfig
 
 
@@ -315,4 +319,5 @@ class FiLMAttrCriticCVAE(EditCVAE):
     kept labels weighed lightly, and a patch critic."""
 
     family = "CVAE + FiLM + AttGAN loss + patch critic"
+    paper = "Perez et al. 2018 (FiLM); He et al. 2019 (AttGAN); Isola et al. 2017 (PatchGAN)"
     config_class = FiLMAttrCriticCVAEConfig

@@ -54,6 +54,7 @@ class IWAE(ImportanceWeightedLoss, VAE):
     """Importance-weighted autoencoder: a VAE trained on the K-sample bound (default K 5)."""
 
     family = "IWAE"
+    paper = "Burda et al. 2016, Importance Weighted Autoencoders"
 
 
 @register_model("ciwae")
@@ -61,3 +62,4 @@ class CIWAE(ImportanceWeightedLoss, CVAE):
     """Conditional IWAE: the CVAE's networks trained on the K-sample bound."""
 
     family = "IWAE"
+    paper = "Burda et al. 2016, Importance Weighted Autoencoders"

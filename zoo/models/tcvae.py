@@ -72,6 +72,7 @@ class BetaTCVAE(TotalCorrelationLoss, VAE):
     """beta-TCVAE: penalises only the total correlation of the code (default beta 6)."""
 
     family = "beta-TCVAE"
+    paper = "Chen et al. 2018, Isolating Sources of Disentanglement in Variational Autoencoders"
 
 
 @register_model("beta-tc-cvae")
@@ -79,3 +80,4 @@ class BetaTCCVAE(TotalCorrelationLoss, CVAE):
     """Conditional beta-TCVAE: the CVAE's networks with the total-correlation objective."""
 
     family = "beta-TCVAE"
+    paper = "Chen et al. 2018, Isolating Sources of Disentanglement in Variational Autoencoders"

@@ -21,6 +21,7 @@ class VAE(GenerativeModel):
     """Unconditional convolutional VAE with a diagonal Gaussian posterior."""
 
     family = "VAE"
+    paper = "Kingma and Welling 2014, Auto-Encoding Variational Bayes"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -47,5 +48,10 @@ class BetaVAEConfig(ModelConfig):
 @register_model("beta-vae")
 class BetaVAE(VAE):
     """VAE with a heavier KL term (default beta 4) for more disentangled latents."""
+
+    paper = (
+        "Higgins et al. 2017, beta-VAE: Learning Basic Visual Concepts with a Constrained "
+        "Variational Framework"
+    )
 
     config_class = BetaVAEConfig

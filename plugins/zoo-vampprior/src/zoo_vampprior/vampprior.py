@@ -75,6 +75,7 @@ class VampPriorVAE(VampPriorMixin, VAE):
     """VAE whose prior is a mixture of posteriors at learned pseudo-inputs (VampPrior)."""
 
     family = "VampPrior"
+    paper = "Tomczak and Welling 2018, VAE with a VampPrior"
     config_class = VampPriorConfig
 
     def __init__(self, config: VampPriorConfig) -> None:
@@ -86,6 +87,7 @@ class VampPriorCVAE(VampPriorMixin, CVAE):
     """Conditional VAE (labels in encoder and decoder) with a VampPrior on z."""
 
     family = "VampPrior"
+    paper = "Tomczak and Welling 2018, VAE with a VampPrior"
     config_class = VampPriorConfig
 
     def __init__(self, config: VampPriorConfig) -> None:
