@@ -78,11 +78,12 @@ def draw_curves(runs: dict[str, list[dict[str, Any]]], out: Path, title: str = "
     size = (4.2 * columns, 3.0 * rows)
     figure, axes = pyplot.subplots(rows, columns, figsize=size, squeeze=False)
     for axis, term in zip(axes.flat, terms, strict=False):
-        for label, records in runs.items():
+        for index, (label, records) in enumerate(runs.items()):
             points = [(r["step"], r[term]) for r in records if isinstance(r.get(term), int | float)]
-            if points:
+            if points:  # one colour per run in every panel, whichever runs log the term
                 marker = "." if len(points) < 20 else None  # a short run is a few dots
-                axis.plot(*zip(*points, strict=True), label=label, linewidth=1.2, marker=marker)
+                xs, ys = zip(*points, strict=True)
+                axis.plot(xs, ys, f"C{index}", label=label, linewidth=1.2, marker=marker)
         first = next(iter(runs.values()))
         for step in _epoch_boundaries(first):
             axis.axvline(step, color="0.8", linestyle=":", linewidth=0.8)
