@@ -17,6 +17,11 @@ batch 64, on this machine:
   GFLOP/s against this machine's measured matmul peak in the same dtype.
 - ``compile``: training-step img/s with and without torch.compile, and the compile time.
 - ``ddp``: img/s of ``zoo train`` with 1 and 2 processes (torchrun, gloo on CPU).
+- ``gpu`` (the default with ``--device cuda``): the train step of every registered model (or
+  ``--models``) at ``--batch-sizes`` (64, 256, 1024) in fp32 and bf16, and for the cvae also
+  under torch.compile and in channels_last; img/s, peak memory and the share of the GPU's
+  bf16 matmul peak measured on the spot. The uint8 images are moved to the GPU once (when
+  they fit in half its free memory) and batches are indexed there, so loading never limits.
 
 Nothing here is a pass/fail test: the numbers go in the README and the issue notes.
 """
@@ -56,6 +61,7 @@ from zoo.device import (
     resolve_precision,
 )
 from zoo.errors import ZooError
+from zoo.registry import get_model_class
 from zoo.run import FUSED_ADAM_DEVICES
 from zoo.train import Trainer, TrainSettings
 
@@ -420,6 +426,67 @@ def curve_change(data: ImageData, device: torch.device, steps: int, **options: A
     return max(abs(a - b) / abs(a) for a, b in zip(*curves, strict=True))
 
 
+def measure_gpu(
+    data: ImageData, device: torch.device, models: list[str], batch_sizes: list[int]
+) -> dict[str, Any]:
+    """The GPU table: train-step img/s, peak memory and share of the bf16 matmul peak for each
+    model, batch size and precision (and compile / channels_last for the cvae)."""
+    nbytes = data.images.numel()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else nbytes * 2
+    images = data.images.to(device) if nbytes * 2 <= free else data.images
+    attrs = data.attrs.to(device)
+    peak = matmul_peak(device, torch.bfloat16)
+    rows = []
+    for name in models:
+        model_class = get_model_class(name)
+        flops = None
+        for batch in batch_sizes:
+            index = torch.randint(len(data), (batch,), generator=torch.Generator().manual_seed(0))
+            x = images[index.to(images.device)].to(device).float().div_(255)
+            y = attrs[index.to(device)]
+            variants = [("eager", {}, False)]
+            if name == "cvae":
+                variants += [
+                    ("compile", {"compile_mode": "default"}, False),
+                    ("channels_last", {}, True),
+                ]
+            for precision in ("fp32", "bf16"):
+                for label, options, channels_last in variants:
+                    row: dict[str, Any] = {
+                        "model": name, "batch": batch, "precision": precision, "variant": label,
+                    }  # fmt: skip
+                    torch.manual_seed(0)
+                    model = zoo.create_model(name, **model_class.data_config(data)).to(device)
+                    inputs = (x, y)
+                    if channels_last:
+                        model = model.to(memory_format=torch.channels_last)
+                        inputs = (x.contiguous(memory_format=torch.channels_last), y)
+                    if flops is None:
+                        counter = FlopCounterMode(display=False)
+                        with counter:
+                            model(x[:8], y[:8])["loss"].backward()
+                        flops = counter.get_total_flops() / 8
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    try:
+                        step = step_function(model, device, precision, health=True, **options)
+                        seconds = median_seconds(lambda s=step, i=inputs: s(*i), device, 3, 10)
+                        rate = batch / seconds
+                    except torch.cuda.OutOfMemoryError:
+                        row["error"] = "out of memory"
+                    else:
+                        row["img_per_s"] = rate
+                        row["share_of_bf16_peak"] = flops * rate / 1e9 / peak
+                        if device.type == "cuda":
+                            row["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    rows.append(row)
+                    del model
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    on_device = images.device.type == device.type
+    return {"bf16_matmul_peak_gflops": peak, "data_on_device": on_device, "rows": rows}
+
+
 def measure_layers(device: torch.device, precision: str, attributes: int) -> list[dict[str, Any]]:
     """Forward and backward time of each convolution of the cvae at batch 64, with its input
     and weights contiguous and in channels_last: which layers the memory format helps."""
@@ -577,6 +644,7 @@ def cpu_features() -> list[str]:
 
 
 PARTS = ("pipeline", "precision", "flops", "compile", "variants", "profile", "layers", "ddp")
+GPU_BATCH_SIZES = (64, 256, 1024)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -599,9 +667,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--curve-steps", type=int, default=60)
     parser.add_argument("--ddp-steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    parser.add_argument("--models", default=None, help="gpu part: comma-separated model names")
+    parser.add_argument(
+        "--batch-sizes", default=",".join(map(str, GPU_BATCH_SIZES)), help="gpu part: batch sizes"
+    )
     args = parser.parse_args(argv)
-    parts = set(args.only.split(",")) if args.only else {"peer"} if args.peer else set(PARTS)
     device = pick_device(args.device)
+    default_parts = {"gpu"} if device.type == "cuda" else set(PARTS)
+    parts = set(args.only.split(",")) if args.only else {"peer"} if args.peer else default_parts
     data = load_data(args.data, "train", SIZE)
     results: dict[str, Any] = {
         "device": str(device),
@@ -610,6 +683,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_features": cpu_features(),
         "auto_precision": resolve_precision(device, "auto"),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "data": data.root,
         "data_images": len(data),
         "batch_size": BATCH,
@@ -643,6 +717,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results["layers"] = measure_layers(device, auto, len(data.attr_names))
     if "ddp" in parts:
         results["ddp"] = measure_ddp(args.data, args.ddp_steps)
+    if "gpu" in parts:
+        models = args.models.split(",") if args.models else zoo.list_models()
+        sizes = [int(size) for size in args.batch_sizes.split(",")]
+        results["gpu"] = measure_gpu(data, device, models, sizes)
     report(results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -790,6 +868,27 @@ def report(results: dict[str, Any]) -> None:
                 f"{1e3 * row['channels_last']:.1f}",
             )
         console.print(layers)
+    if "gpu" in results:
+        g = results["gpu"]
+        gpu = Table(
+            title=f"train step on {results.get('gpu_name') or results['device']}: bf16 matmul "
+            f"peak {g['bf16_matmul_peak_gflops']:.0f} GFLOP/s, images "
+            f"{'on the device' if g['data_on_device'] else 'copied from the host'}"
+        )
+        for column in ("model", "batch", "precision", "variant", "img/s", "peak MB", "% bf16 peak"):
+            gpu.add_column(column, justify="left" if column == "model" else "right")
+        for row in g["rows"]:
+            measured = "img_per_s" in row
+            gpu.add_row(
+                row["model"],
+                str(row["batch"]),
+                row["precision"],
+                row["variant"],
+                f"{row['img_per_s']:.0f}" if measured else row["error"],
+                f"{row['peak_memory_mb']:.0f}" if "peak_memory_mb" in row else "-",
+                f"{100 * row['share_of_bf16_peak']:.1f}" if measured else "-",
+            )
+        console.print(gpu)
 
 
 if __name__ == "__main__":

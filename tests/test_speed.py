@@ -85,3 +85,19 @@ def test_without_the_peer_source_it_says_what_to_fetch(make_celeba, tmp_path, ca
     with pytest.raises(SystemExit):
         speed.main(["--peer", "pytorch-vae", "--data", str(data), "--peer-src", str(tmp_path)])
     assert f"{tmp_path / 'models' / 'cvae.py'} does not exist" in capsys.readouterr().out
+
+
+def test_the_gpu_table_measures_each_model_batch_and_precision(synthetic_faces, monkeypatch):
+    """The `gpu` part's bookkeeping, run on the CPU with every step timed as one second: a row
+    per model, batch size and precision, whose rate is then its batch size (a rate computed
+    for another batch size would show here) and whose share of the peak follows the rate."""
+    monkeypatch.setattr(speed, "median_seconds", lambda step, device, warmup, repeats: 1.0)
+    data = speed.load_data(synthetic_faces, "train", 16, progress=False)
+    result = speed.measure_gpu(data, speed.pick_device("cpu"), ["vae"], [4, 8])
+    rows = result["rows"]
+    assert [(r["batch"], r["precision"], r["variant"]) for r in rows] == [
+        (4, "fp32", "eager"), (4, "bf16", "eager"), (8, "fp32", "eager"), (8, "bf16", "eager"),
+    ]  # fmt: skip
+    assert [r["img_per_s"] for r in rows] == [4, 4, 8, 8]
+    assert rows[2]["share_of_bf16_peak"] == pytest.approx(2 * rows[0]["share_of_bf16_peak"])
+    assert result["data_on_device"] and result["bf16_matmul_peak_gflops"] > 0

@@ -298,6 +298,7 @@ class TrainingRun:
             # cuBLAS needs this workspace setting to be deterministic; harmless elsewhere
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing
         self.data = self._load_data()
         torch.manual_seed(settings.seed)
         self.model, self.optimizer = self.build()

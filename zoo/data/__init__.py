@@ -141,6 +141,8 @@ class ImageData:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         attrs = self.attrs[index]
         if device is not None:
+            if torch.device(device).type == "cuda":  # page-locked: the copy runs asynchronously
+                images, attrs = images.pin_memory(), attrs.pin_memory()
             images = images.to(device, non_blocking=True)
             attrs = attrs.to(device, non_blocking=True)
         return images.float().div_(255), attrs
