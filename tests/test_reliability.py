@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 400
+STEPS = 240  # a kill after the save at step 100 still leaves most of the run to resume
 
 
 def command(faces: str, out: Path, steps: int = STEPS, save_every: int = 25) -> list[str]:
