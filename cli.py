@@ -419,9 +419,8 @@ def check_plugin(
 def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors file.")]) -> None:
     """Show what a checkpoint holds: model, paper, config, data, training, benchmark results,
     and where its model card and loss curves are."""
-    from zoo.card import card_path, read_bench_results
+    from zoo.card import card_path, model_class_of, read_bench_results
     from zoo.curves import CURVES_FILE
-    from zoo.registry import MODELS
 
     details = zoo.read_info(checkpoint)
     table = Table(title=str(checkpoint), show_header=False)
@@ -429,7 +428,7 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors fi
     table.add_column("value", overflow="fold")
     training = details.training
     source = " ".join(filter(None, [details.source, details.source_version]))
-    model_class = MODELS.get(details.model_name) if details.model_name in MODELS.names() else None
+    model_class = model_class_of(details)
     rows = {
         "model": f"{details.model_name} (from {source})",
         "family": getattr(model_class, "family", "") or "-",

@@ -86,9 +86,9 @@ def _yaml(value: Any) -> str:
 
 def front_matter(info: CheckpointInfo, results: dict[str, dict[str, Any]]) -> str:
     """The YAML header: what the Hub and tools index (library, tags, data, metrics)."""
-    family = _model_class(info)
+    model_class = model_class_of(info)
     tags = ["zoo", info.model_name, "vae", "image-generation"]
-    if family is not None and family.conditional:
+    if model_class is not None and model_class.conditional:
         tags.append("conditional-generation")
     lines = ["---", f"library_name: {CARD_MARK.split(': ')[1]}", "tags:"]
     lines += [f"- {_yaml(tag)}" for tag in dict.fromkeys(tags)]
@@ -119,7 +119,9 @@ def front_matter(info: CheckpointInfo, results: dict[str, dict[str, Any]]) -> st
     return "\n".join([*lines, "---"])
 
 
-def _model_class(info: CheckpointInfo) -> Any:
+def model_class_of(info: CheckpointInfo) -> Any:
+    """The checkpoint's registered model class, or None for a plugin not installed here (its
+    card and `zoo info` still show everything the file says)."""
     try:
         return MODELS.get(info.model_name)
     except ZooError:  # a plugin model that is not installed here: the card still renders
@@ -131,7 +133,7 @@ def render_card(info: CheckpointInfo) -> str:
     checkpoint = Path(info.path)
     run_dir = checkpoint.parent
     results = read_bench_results(checkpoint)
-    model_class = _model_class(info)
+    model_class = model_class_of(info)
     family = getattr(model_class, "family", "") or info.model_name
     paper = getattr(model_class, "paper", "")
     training, data = info.training, info.data
