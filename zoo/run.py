@@ -597,9 +597,12 @@ class TrainingRun:
                         self._log(metrics, epoch_end or finished)
                         progress.update(task, stats=self.stats())
                     progress.update(task, completed=self.step)
+                    paused = time.perf_counter()
                     self.after_log(epoch_end, finished)
                     if finished or epoch_end or self.step % settings.save_every == 0:
                         self.save()
+                    # pictures and saves are not training: img/s and wall_time_s leave them out
+                    self.window.start += time.perf_counter() - paused
                 if self._stopping() and self.last_saved_step != self.step:
                     self.save()
             except KeyboardInterrupt:
