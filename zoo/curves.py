@@ -78,18 +78,20 @@ def draw_curves(runs: dict[str, list[dict[str, Any]]], out: Path, title: str = "
     size = (4.2 * columns, 3.0 * rows)
     figure, axes = pyplot.subplots(rows, columns, figsize=size, squeeze=False)
     for axis, term in zip(axes.flat, terms, strict=False):
+        values = []
         for index, (label, records) in enumerate(runs.items()):
             points = [(r["step"], r[term]) for r in records if isinstance(r.get(term), int | float)]
             if points:  # one colour per run in every panel, whichever runs log the term
                 marker = "." if len(points) < 20 else None  # a short run is a few dots
                 xs, ys = zip(*points, strict=True)
                 axis.plot(xs, ys, f"C{index}", label=label, linewidth=1.2, marker=marker)
+                values += ys
         first = next(iter(runs.values()))
         for step in _epoch_boundaries(first):
             axis.axvline(step, color="0.8", linestyle=":", linewidth=0.8)
         axis.set_title(term)
         axis.set_xlabel("step")
-        if term in ("loss", "recon") and all(v > 0 for _, v in _values(runs, term)):
+        if term in ("loss", "recon") and all(v > 0 for v in values):
             axis.set_yscale("log")
     for axis in list(axes.flat)[len(terms) :]:
         axis.set_visible(False)
@@ -105,10 +107,6 @@ def draw_curves(runs: dict[str, list[dict[str, Any]]], out: Path, title: str = "
     pyplot.close(figure)
     partial.replace(out)
     return out
-
-
-def _values(runs: dict[str, list[dict[str, Any]]], term: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[term]) for rs in runs.values() for r in rs if term in r]
 
 
 def _epoch_boundaries(records: list[dict[str, Any]]) -> list[int]:
