@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import math
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,11 @@ RunsOutOption = Annotated[
     Path, typer.Option(help="Folder that receives the run folder."), Writable("folder")
 ]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
+NprocOption = Annotated[
+    int,
+    typer.Option(help="Processes on this machine: one DDP run, as torchrun starts it."),
+    Bounds(1, 256),
+]
 IMAGE_SIZES = Bounds(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)  # what the conv backbones can build
 BATCH_SIZES = Bounds(1, 65536)
 SEEDS = Bounds(0, 2**32 - 1)
@@ -251,9 +257,7 @@ def train(
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the training step.")
     ] = False,
-    nproc: Annotated[
-        int, typer.Option(help="Processes on this machine (DDP through torchrun)."), Bounds(1, 256)
-    ] = 1,
+    nproc: NprocOption = 1,
     tensorboard: Annotated[
         bool,
         typer.Option(
@@ -264,11 +268,11 @@ def train(
 ) -> None:
     """Train a registered model; writes runs/<model>-<time>/ with weights, samples and logs."""
     from zoo.config import with_overrides
-    from zoo.distributed import launched_ranks, relaunch
+    from zoo.distributed import launched_ranks, run_local_world
     from zoo.train import Trainer, TrainSettings, resume_settings
 
     if nproc > 1 and launched_ranks().solo:
-        raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+        raise typer.Exit(run_local_world(nproc, Path(__file__), sys.argv[1:]))
     if resume is not None:
         settings = resume_settings(
             resume, epochs=epochs, max_steps=max_steps, tensorboard=tensorboard or None
@@ -338,8 +342,15 @@ def train(
         if (result.run_dir / name).is_file():
             console.print(f"{label:<8} {result.run_dir / name}", soft_wrap=True)
     if result.interrupted:
-        console.print(f"continue with: zoo train --resume {result.run_dir}", soft_wrap=True)
+        resume_with = _resume_command("train", result.run_dir, trainer.ranks.world_size)
+        console.print(f"continue with: {resume_with}", soft_wrap=True)
         raise typer.Exit(130)
+
+
+def _resume_command(command: str, run_dir: Path, processes: int) -> str:
+    """The shell command that continues an interrupted run, with as many processes."""
+    nproc = f" --nproc {processes}" if processes > 1 else ""
+    return f"zoo {command} --resume {shlex.quote(str(run_dir))}{nproc}"
 
 
 @app.command()
@@ -854,9 +865,7 @@ def train_classifier_command(
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this folder from its last save.")
     ] = None,
-    nproc: Annotated[
-        int, typer.Option(help="Processes on this machine (DDP through torchrun)."), Bounds(1, 256)
-    ] = 1,
+    nproc: NprocOption = 1,
     progress: ProgressOption = True,
 ) -> None:
     """Train the attribute classifier that scores edits (and gives FD-attr features)."""
@@ -867,10 +876,10 @@ def train_classifier_command(
         finished_classifier,
     )
     from zoo.config import with_overrides
-    from zoo.distributed import launched_ranks, relaunch
+    from zoo.distributed import launched_ranks, run_local_world
 
     if nproc > 1 and launched_ranks().solo:
-        raise typer.Exit(relaunch(nproc, sys.argv[1:]))
+        raise typer.Exit(run_local_world(nproc, Path(__file__), sys.argv[1:]))
     if resume is not None:
         settings = classifier_resume_settings(
             resume, epochs=epochs, max_steps=max_steps, progress=progress
@@ -904,7 +913,7 @@ def train_classifier_command(
     if result.interrupted:
         console.print(
             f"interrupted at step {result.step}/{result.total_steps}; continue with: "
-            f"zoo train-classifier --resume {result.run_dir}",
+            f"{_resume_command('train-classifier', result.run_dir, run.ranks.world_size)}",
             soft_wrap=True,
         )
         raise typer.Exit(130)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import zoo
-from zoo.distributed import Ranks, join, torchrun_command, without_nproc
+from zoo.distributed import Ranks, join, without_nproc, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,10 +117,10 @@ EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_we
                    "-o", "realism_weight=1"]  # fmt: skip
 
 
-@pytest.mark.parametrize(("model", "options"), [("cvae", []), ("edit-cvae", EDIT_MECHANISMS)])
-def test_ddp_run_of_a_builtin_model_resumes(environment, synthetic_faces, tmp_path, model, options):
-    run = train(environment, synthetic_faces, tmp_path / "runs", model, "--batch-size", "16",
-                "--max-steps", "4", "--nproc", "2", *options)  # fmt: skip
+def test_ddp_run_of_the_edit_mechanisms_resumes(environment, synthetic_faces, tmp_path):
+    """(The plain cvae's DDP resume is part of the Ctrl-C test below.)"""
+    run = train(environment, synthetic_faces, tmp_path / "runs", "edit-cvae", "--batch-size", "16",
+                "--max-steps", "4", "--nproc", "2", *EDIT_MECHANISMS)  # fmt: skip
     done = zoo_command(environment, tmp_path, "train", "--resume", str(run), "--max-steps", "6",
                        "--nproc", "2", "--no-progress")  # fmt: skip
     assert "steps 4->6" in done.stdout
@@ -137,27 +141,96 @@ def test_each_rank_binds_its_gpu_before_the_process_group_starts(monkeypatch):
     assert calls == [("init", "gloo")]
 
 
-def test_torchrun_command():
+def test_the_ranks_run_zoos_own_cli_file_without_the_nproc_option():
     argv = ["train", "cvae", "--nproc", "4", "--beta", "2", "--nproc=3"]
     assert without_nproc(argv) == ["train", "cvae", "--beta", "2"]
-    command = torchrun_command(2, ["train", "cvae"])
-    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert command[-3:] == ["cli", "train", "cvae"]
+    command = worker_command(ROOT / "cli.py", ["train", "cvae"])
+    assert "-m" not in command  # `python -m` would put the working directory first
+    assert command[-3:] == [str(ROOT / "cli.py"), "train", "cvae"]
 
 
-def test_the_classifier_trainer_runs_as_two_processes(environment, synthetic_faces, tmp_path):
-    """`zoo train-classifier --nproc 2` runs the shared loop under DDP (batch norm statistics
-    are per rank, so its numbers are not one process's); rank 0 alone logs and saves."""
-    out = tmp_path / "runs"
-    zoo_command(
-        environment, tmp_path, "train-classifier", "--data", synthetic_faces, "--image-size",
-        "16", "--backbone", "test_resnet", "--batch-size", "16", "--max-steps", "6",
-        "--precision", "fp32", "--no-progress", "--out", str(out), "--nproc", "2",
-    )  # fmt: skip
+HOSTILE = "open({marker!r}, 'w').write('ran')\n"
+
+
+def hostile_folder(tmp_path: Path) -> Path:
+    """A working directory whose cli.py, zoo/ and benchmarks/ would run if they shadowed zoo's."""
+    folder = tmp_path / "project"
+    for relative in ("cli.py", "zoo/__init__.py", "benchmarks/__init__.py", "torch/__init__.py"):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(HOSTILE.format(marker=str(tmp_path / "shadowed")))
+    return folder
+
+
+def workers_of(out: Path) -> list[int]:
+    """Pids of processes still running with ``out`` on their command line."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(out).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return pids
+
+
+def interrupt_like_a_terminal(command: list[str], env: dict, cwd: Path, out: Path) -> str:
+    """Start ``command`` in its own process group, wait until its run has logged a record,
+    then send SIGINT to the whole group, as a terminal's Ctrl-C does; its output."""
+    piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    process = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True, **piped)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(run.stat().st_size for run in out.glob("*/metrics.jsonl")):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[0]
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, stdout
+    assert workers_of(out) == [], "a rank outlived the launcher"
+    return stdout
+
+
+def resumed_command(stdout: str) -> list[str]:
+    """The printed ``continue with: zoo ...`` command, run through zoo's cli.py file."""
+    [printed] = re.findall(r"continue with: zoo (.+)$", stdout, re.MULTILINE)
+    return [sys.executable, str(ROOT / "cli.py"), *shlex.split(printed)]
+
+
+# README "What happens when": you press Ctrl-C during training (--nproc)
+@pytest.mark.parametrize("trainer", ["train", "train-classifier"])
+def test_ctrl_c_stops_both_trainers_ranks_after_a_save_and_a_working_dir_cannot_shadow_zoo(
+    environment, synthetic_faces, tmp_path, trainer
+):
+    """The ranks save, rank 0 prints the resume command (with --nproc 2), the launcher exits
+    130 and no rank is left running; a cli.py (or zoo/, torch/) in the working directory
+    never runs, and the printed command finishes the run."""
+    out, cwd = tmp_path / "runs", hostile_folder(tmp_path)
+    model = ["cvae", "--latent-dim", "4", "-o", "base_channels=4", "-o", "max_channels=8"]
+    if trainer == "train-classifier":
+        model = ["--backbone", "test_resnet"]
+    command = [sys.executable, str(ROOT / "cli.py"), trainer, *model, "--data", synthetic_faces,
+               "--image-size", "16", "--batch-size", "16", "--epochs", "100000", "--precision",
+               "fp32", "--no-progress", "--out", str(out), "--nproc", "2"]  # fmt: skip
+    stdout = interrupt_like_a_terminal(command, environment, cwd, out)
+    resume = resumed_command(stdout)
+    assert resume[-2:] == ["--nproc", "2"]
     [run] = out.iterdir()
-    with safe_open(str(run / "classifier.safetensors"), framework="pt") as handle:
-        info = json.loads(handle.metadata()["zoo.training"])
-    assert info["processes"] == 2 and info["steps"] == 6
+    with safe_open(str(run / "train_state.safetensors"), framework="pt") as handle:
+        saved = int(handle.metadata()["step"])
+    [stopped] = re.findall(r"interrupted at step (\d+)/", stdout)
+    assert saved == int(stopped) >= records(run)[-1]["step"]  # saved the last trained step
+    finish = [*resume, "--max-steps", str(saved + 2), "--no-progress"]
+    done = subprocess.run(finish, env=environment, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not (tmp_path / "shadowed").exists()
     steps = [record["step"] for record in records(run)]
-    assert steps == sorted(set(steps)) and steps[-1] == 6  # one writer
-    assert "eval_mean_accuracy" in records(run)[-1]
+    assert steps == sorted(set(steps)) and steps[-1] == saved + 2  # one writer
+    weights_file = (
+        "classifier.safetensors" if trainer == "train-classifier" else "model.safetensors"
+    )
+    with safe_open(str(run / weights_file), framework="pt") as handle:
+        training = json.loads(handle.metadata()["zoo.training"])
+    assert training["processes"] == 2 and training["steps"] == saved + 2
+    if trainer == "train-classifier":
+        assert "eval_mean_accuracy" in records(run)[-1]

@@ -1,8 +1,8 @@
 """Several processes, one run: PyTorch DDP under ``torchrun``, or the ``--nproc`` shortcut.
 
-``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK; the trainer then joins the
-process group (NCCL on CUDA, gloo on CPU), shards each global batch across the
-ranks, and lets rank 0 alone log and save. Small tensors, never pickles, carry
+``torchrun`` (or `run_local_world`, behind ``--nproc``) sets RANK / WORLD_SIZE / LOCAL_RANK;
+the trainer then joins the process group (NCCL on CUDA, gloo on CPU), shards each global
+batch across the ranks, and lets rank 0 alone log and save. Small tensors, never pickles, carry
 the few things ranks must agree on. A process on its own is a world of one (`Ranks()`),
 whose collectives return their input, so the loop in `zoo.run` has one code path.
 """
@@ -10,9 +10,16 @@ whose collectives return their input, so the loop in `zoo.run` has one code path
 from __future__ import annotations
 
 import os
+import runpy
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -147,14 +154,6 @@ def agree(health: torch.Tensor, stop: bool) -> tuple[bool, bool]:
     return bool(finite), not everyone_goes_on
 
 
-def torchrun_command(nproc: int, cli_args: list[str]) -> list[str]:
-    """``zoo train ... --nproc N`` as the equivalent single-node torchrun command."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "cli", *cli_args,
-    ]  # fmt: skip
-
-
 def without_nproc(argv: list[str]) -> list[str]:
     """The command line with the --nproc option removed (the children must not relaunch)."""
     kept, skip = [], False
@@ -168,6 +167,130 @@ def without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run the same `zoo train` under torchrun with ``nproc`` processes; its exit status."""
-    return subprocess.call(torchrun_command(nproc, without_nproc(argv)))
+# A worker is started as ``python -c WORKER_BOOT ENTRY ARGS``: `-c` puts the working directory
+# first on sys.path (as ``-m`` does), so the boot line removes it before importing anything,
+# and ENTRY (zoo's own cli.py, by absolute path) is run from its file, never looked up by name.
+WORKER_BOOT = (
+    "import sys; sys.path[:] = [p for p in sys.path if p != '']; "
+    "from zoo.distributed import run_worker; run_worker()"
+)
+PARENT_FD_ENV = "ZOO_LAUNCHER_FD"
+FAILED_RANK_GRACE_S = 10.0  # after a rank fails, how long the others get to fail or finish
+
+
+def worker_command(entry: Path, argv: list[str]) -> list[str]:
+    """The command line of one rank: the same command, run from ``entry``'s file."""
+    return [sys.executable, "-u", "-c", WORKER_BOOT, str(Path(entry).resolve()), *argv]
+
+
+def run_worker() -> None:
+    """A rank's entry point (see `WORKER_BOOT`): run the entry file as ``__main__`` with the
+    command line, and stop if the launcher dies (its pipe closes), so no rank is orphaned."""
+    entry, *argv = sys.argv[1:]
+    parent_fd = os.environ.pop(PARENT_FD_ENV, None)
+    if parent_fd is not None:
+        threading.Thread(target=_exit_when_closed, args=(int(parent_fd),), daemon=True).start()
+    sys.argv = [entry, *argv]
+    runpy.run_path(entry, run_name="__main__")
+
+
+def _exit_when_closed(fd: int) -> None:
+    """Block until the launcher's end of the pipe closes (it exited or was killed), then end
+    this process as a SIGTERM would: the last save stands, as after any kill."""
+    while os.read(fd, 1):
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the ranks' rendezvous on this machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_local_world(nproc: int, entry: Path, argv: list[str]) -> int:
+    """Run ``argv`` (minus --nproc) as ``nproc`` DDP ranks on this machine, as ``torchrun
+    --standalone`` would, and return the run's exit status.
+
+    The ranks run in their own sessions, so a Ctrl-C at the terminal reaches this launcher
+    alone, which passes each SIGINT (or SIGTERM) on to every rank exactly once: one Ctrl-C
+    makes them save after the same step and rank 0 print the resume command, a second stops
+    them at once. The status is rank 0's, or the first failed rank's when rank 0 succeeded (a
+    signal N counts as 128 + N); the peers of a failed rank are stopped after
+    `FAILED_RANK_GRACE_S`, and no rank outlives this function.
+    """
+    command = worker_command(entry, without_nproc(argv))
+    world = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+    }
+    # the ranks hold the read end, this process the write end: EOF tells them it is gone
+    read_end, write_end = os.pipe()
+    workers: list[subprocess.Popen] = []
+    try:
+        with ForwardedSignals(workers):
+            for rank in range(nproc):
+                env = {**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       PARENT_FD_ENV: str(read_end)}  # fmt: skip
+                workers.append(
+                    subprocess.Popen(command, env=env, start_new_session=True, pass_fds=[read_end])
+                )
+            return _wait_for(workers)
+    finally:
+        os.close(read_end)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        os.close(write_end)
+
+
+class ForwardedSignals:
+    """While the ranks run, SIGINT and SIGTERM sent to this process go to every rank instead
+    (installed from the main thread only, where Python delivers signals)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, workers: list[subprocess.Popen]) -> None:
+        self.workers = workers
+        self.previous: dict[int, Any] = {}
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    def __enter__(self) -> ForwardedSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._forward) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def _wait_for(workers: list[subprocess.Popen]) -> int:
+    """Wait for every rank, stopping the others once one has failed; the run's status."""
+    first_failure: int | None = None
+    failed_at = 0.0
+    while any(worker.poll() is None for worker in workers):
+        failures = [w.returncode for w in workers if w.returncode not in (None, 0)]
+        if failures and first_failure is None:
+            first_failure, failed_at = failures[0], time.monotonic()
+        if first_failure is not None and time.monotonic() - failed_at > FAILED_RANK_GRACE_S:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+        time.sleep(0.05)
+    main = workers[0].returncode
+    if main != 0 or first_failure is None:
+        return _exit_status(main)
+    return _exit_status(first_failure)
