@@ -7,7 +7,6 @@ import inspect
 import json
 import logging
 import math
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,11 +15,12 @@ from typing import Annotated, Any, Literal, TypeVar, get_origin
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 import zoo
 from zoo.errors import ZooError
+from zoo.names import printable
 from zoo.nets import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 app = typer.Typer(
@@ -32,8 +32,37 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Prepare CelebA caches and synthetic faces.")
 app.add_typer(data_app, name="data")
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+class PlainConsole(Console):
+    """A console for text that comes from files (names, paths, plugin messages): no rich
+    markup or emoji codes are read in it, and control characters print as escapes, so a
+    name like ``[/]`` or one holding a terminal escape prints as itself and cannot restyle,
+    move or rewrite the terminal. Style is given explicitly (`styled`)."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(highlight=False, markup=False, emoji=False, **options)
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        shown = [printable(item) if isinstance(item, str) else item for item in objects]
+        super().print(*shown, **options)
+
+
+def styled(label: str, style: str, message: str) -> Text:
+    """``label`` in ``style``, then the message as plain text ("error: ...")."""
+    return Text.assemble((label, style), " ", printable(message))
+
+
+def plain_table(title: str, **options: Any) -> Table:
+    """A table whose title and cells are shown as plain text (see `PlainConsole`)."""
+    return Table(title=Text(printable(title), style="italic"), **options)
+
+
+def cells(*values: Any) -> list[Text]:
+    return [Text(printable(str(value))) for value in values]
+
+
+console = PlainConsole()
+err_console = PlainConsole(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,7 +73,7 @@ class _OneLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         style = "yellow" if record.levelno >= logging.WARNING else "cyan"
         label = "warning" if record.levelno >= logging.WARNING else "note"
-        err_console.print(f"[{style}]{label}:[/] {escape(record.getMessage())}", soft_wrap=True)
+        err_console.print(styled(f"{label}:", style, record.getMessage()), soft_wrap=True)
 
 
 def _setup_logging() -> None:
@@ -150,7 +179,7 @@ def user_errors(func: F) -> F:
             _check_options(func, kwargs)
             return func(*args, **kwargs)
         except ZooError as error:
-            err_console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
+            err_console.print(styled("error:", "red", str(error)), soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -316,7 +345,7 @@ def train(
         return
     data_used, parameters = trainer.data, sum(p.numel() for p in trainer.model.parameters())
     console.print(
-        f"training [bold]{settings.model}[/] ({parameters:,} parameters) on {data_used.name} "
+        f"training {settings.model} ({parameters:,} parameters) on {data_used.name} "
         f"{data_used.split} ({len(data_used):,} images, {data_used.preprocess.image_size}px) "
         f"on {trainer.device}, precision {trainer.precision_choice}, "
         f"steps {trainer.step}->{trainer.total_steps}; "
@@ -342,15 +371,8 @@ def train(
         if (result.run_dir / name).is_file():
             console.print(f"{label:<8} {result.run_dir / name}", soft_wrap=True)
     if result.interrupted:
-        resume_with = _resume_command("train", result.run_dir, trainer.ranks.world_size)
-        console.print(f"continue with: {resume_with}", soft_wrap=True)
+        console.print(f"continue with: {trainer.resume_command()}", soft_wrap=True)
         raise typer.Exit(130)
-
-
-def _resume_command(command: str, run_dir: Path, processes: int) -> str:
-    """The shell command that continues an interrupted run, with as many processes."""
-    nproc = f" --nproc {processes}" if processes > 1 else ""
-    return f"zoo {command} --resume {shlex.quote(str(run_dir))}{nproc}"
 
 
 @app.command()
@@ -376,27 +398,29 @@ def list_command(
     """List registered models (built-in and plugins) and any plugin that failed to load."""
     from zoo.registry import MODELS
 
-    table = Table(title="registered models")
+    table = plain_table("registered models")
     for column in ("name", "family", "conditional", "source", "description"):
         table.add_column(column, no_wrap=column in ("name", "source"))  # names stay copyable
     shown = set(MODELS.names(pattern))
     for entry in MODELS.all_entries():
         if entry.name in shown:
             table.add_row(
-                entry.name,
-                entry.cls.family or entry.cls.__name__,
-                "yes" if entry.cls.conditional else "no",
-                entry.source,
-                entry.description,
+                *cells(
+                    entry.name,
+                    entry.cls.family or entry.cls.__name__,
+                    "yes" if entry.cls.conditional else "no",
+                    entry.source,
+                    entry.description,
+                )
             )
     console.print(table)
     broken = MODELS.all_broken()
     if broken:
-        failed = Table(title="plugins that failed to load", title_style="red")
+        failed = plain_table("plugins that failed to load", title_style="red")
         for column in ("name", "package", "error"):
             failed.add_column(column)
         for plugin in broken:
-            failed.add_row(plugin.name, plugin.source, plugin.error)
+            failed.add_row(*cells(plugin.name, plugin.source, plugin.error))
         console.print(failed)
 
 
@@ -411,16 +435,19 @@ def check_plugin(
 
     results = check_model(name)
     source = MODELS.entry(name).source
-    table = Table(title=f"conformance of {name} (from {source})")
+    table = plain_table(f"conformance of {name} (from {source})")
     for column in ("check", "result", "detail"):
         table.add_column(column)
     for result in results:
-        verdict = "[green]pass[/]" if result.passed else "[red]FAIL[/]"
-        table.add_row(result.name, verdict, result.detail)
+        verdict = Text("pass", style="green") if result.passed else Text("FAIL", style="red")
+        name_cell, detail_cell = cells(result.name, result.detail)
+        table.add_row(name_cell, verdict, detail_cell)
     console.print(table)
     failed = [result.name for result in results if not result.passed]
     if failed:
-        err_console.print(f"[red]{name} fails {len(failed)} of {len(results)} checks[/]")
+        err_console.print(
+            Text(printable(f"{name} fails {len(failed)} of {len(results)} checks"), style="red")
+        )
         raise typer.Exit(1)
     console.print(f"{name} passes all {len(results)} checks")
 
@@ -434,7 +461,7 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors fi
     from zoo.curves import CURVES_FILE
 
     details = zoo.read_info(checkpoint)
-    table = Table(title=str(checkpoint), show_header=False)
+    table = plain_table(str(checkpoint), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     training = details.training
@@ -460,7 +487,7 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors fi
     ):
         rows[label] = str(path) if path.is_file() else "not written"
     for key, value in rows.items():
-        table.add_row(key, value)
+        table.add_row(*cells(key, value))
     console.print(table)
 
 
@@ -797,23 +824,26 @@ def bench(
     metrics = select_metrics(metric)
     report = run_bench(checkpoints or latest_runs(runs), metrics, settings)
     header, rows = leaderboard(report)
-    table = Table(title=f"zoo bench on {split} (device {report.device})")
+    table = plain_table(f"zoo bench on {split} (device {report.device})")
     for column in header:
         table.add_column(column)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*cells(*row))
     # piped output has no width: do not squeeze a leaderboard into 80 columns
-    (console if console.is_terminal else Console(highlight=False, width=160)).print(table)
+    (console if console.is_terminal else PlainConsole(width=160)).print(table)
     for result in report.results:
         if result.data_note:
             err_console.print(
-                f"[yellow]warning:[/] {result.info.model_name} ({result.checkpoint}) was "
-                f"{result.data_note}",
+                styled(
+                    "warning:",
+                    "yellow",
+                    f"{result.info.model_name} ({result.checkpoint}) was {result.data_note}",
+                ),
                 soft_wrap=True,
             )
         for name, message in result.errors.items():
             err_console.print(
-                f"[red]not computed:[/] {result.info.model_name} {name}: {escape(message)}",
+                styled("not computed:", "red", f"{result.info.model_name} {name}: {message}"),
                 soft_wrap=True,
             )
     json_path, markdown_path = write_report(report, out)
@@ -913,7 +943,7 @@ def train_classifier_command(
     if result.interrupted:
         console.print(
             f"interrupted at step {result.step}/{result.total_steps}; continue with: "
-            f"{_resume_command('train-classifier', result.run_dir, run.ranks.world_size)}",
+            f"{run.resume_command()}",
             soft_wrap=True,
         )
         raise typer.Exit(130)

@@ -43,6 +43,7 @@ from zoo.checkpoint import (
 from zoo.data import ImageData
 from zoo.device import pick_device
 from zoo.errors import ZooError, error_reason
+from zoo.names import check_attribute_names
 
 __all__ = [
     "CLASSIFIER_FILE",
@@ -310,6 +311,9 @@ def _info_from_header(path: Path, metadata: dict[str, str]) -> ClassifierInfo:
             f"{path} has malformed classifier metadata; the file is damaged, {TRAIN_HINT}"
         ) from None
     check_backbone(info.backbone, f"{path} names timm backbone", TRAIN_HINT)
+    check_attribute_names(
+        info.attr_names, f"{path}: metadata zoo.attributes", f"the file is damaged, {TRAIN_HINT}"
+    )
     return info
 
 

@@ -201,6 +201,7 @@ class ClassifierRun(TrainingRun):
     and an evaluation at every epoch end (not counted as training time)."""
 
     name = "classifier"
+    command = "train-classifier"
     weights_file = CLASSIFIER_FILE
     min_images_per_rank = 2  # batch norm cannot normalise a batch of one image
 

@@ -19,9 +19,8 @@ from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
 from zoo.checkpoint import CheckpointInfo, read_info
 from zoo.data import ImageData, checkpoint_data
 from zoo.device import keep_freed_memory, pick_device
-from zoo.errors import ZooError
+from zoo.errors import ZooError, failure_text
 from zoo.figures import Figure
-from zoo.registry import failure_text
 
 log = logging.getLogger(__name__)
 

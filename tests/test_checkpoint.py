@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import zoo
-from zoo import checkpoint
+from zoo import checkpoint, files
 from zoo.errors import ZooError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,10 +148,10 @@ def test_crash_between_write_and_rename_keeps_the_old_file(saved, monkeypatch):
     def crash(*args):
         raise OSError("simulated crash before rename")
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(ZooError, match=f"cannot write {path}: simulated crash"):
         zoo.save_checkpoint(path, model)
     assert path.read_bytes() == before
     assert list(path.parent.iterdir()) == [path]
@@ -173,8 +173,8 @@ def test_a_checkpoint_is_fsynced_before_it_is_renamed_into_place(saved, monkeypa
         renames.append((Path(target), os.stat(source).st_ino in synced))
         real_replace(source, target)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
     zoo.save_checkpoint(path, model)
     assert renames == [(path, True)]
 

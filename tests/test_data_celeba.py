@@ -87,6 +87,11 @@ def _replace_line(path: Path, number: int, new: str | None) -> None:
         ("list_attr_celeba.txt", 2, "Smiling Male Smiling", "attribute Smiling is listed twice"),
         ("list_attr_celeba.txt", 4, "000001.jpg  1  1  1", "line 4: image 000001.jpg is listed"),
         ("list_eval_partition.txt", 2, "000001.jpg 0", "line 2: image 000001.jpg is listed twice"),
+        # an attribute name becomes a file name (concepts/NAME.safetensors) and reaches cards
+        ("list_attr_celeba.txt", 2, "Smiling ../../x Young", "line 2: attribute name '../../x'"),
+        ("list_attr_celeba.txt", 2, "Smiling a/b Young", "attribute name 'a/b' is not a plain"),
+        ("list_attr_celeba.txt", 2, "[/] Male Young", "line 2: attribute name '[/]' is not"),
+        ("list_attr_celeba.txt", 2, "Smiling .hidden Young", "attribute name '.hidden'"),
     ],
 )
 def test_malformed_label_files_name_file_and_line(make_celeba, file, line, new, expected):

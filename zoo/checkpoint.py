@@ -6,8 +6,8 @@ rebuilt from its registry name and config JSON stored in the file's metadata,
 checked against the tensor shapes in the header before anything is allocated
 (`load`); the training state for `--resume`
 (optimizer moments, step, RNG) is a second safetensors file. Every write goes
-to a temporary file that is fsynced and renamed, so a crash mid-write leaves
-the previous file intact.
+to a temporary file that is fsynced and renamed (`zoo.files`), so a crash
+mid-write leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
-import os
-import re
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,11 +24,19 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from zoo.errors import ZooError, error_reason
+from zoo.errors import ZooError, error_reason, failure_text
+from zoo.files import atomic_write_bytes
 from zoo.model import GenerativeModel
-from zoo.registry import MODELS, failure_text, get_model_class
+from zoo.names import (
+    check_attribute_names,
+    is_distribution_name,
+    is_entry_point,
+    is_version,
+    printable,
+)
+from zoo.registry import MODELS, get_model_class
 
 FORMAT_VERSION = "1"
 FORMAT_KEY = "zoo.format"
@@ -55,51 +61,11 @@ class CheckpointInfo:
     source_version: str = ""  # its version when the file was written (plugins only)
 
 
-TEMPORARY_NAME = re.compile(r"\..+\.tmp-\d+")
-
-
-def temporary_path(path: Path) -> Path:
-    """Where a write goes before its rename: ``.NAME.tmp-PID`` beside the file."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def remove_temporaries(folder: Path) -> list[Path]:
-    """Delete the ``.NAME.tmp-PID`` files that killed writes left in ``folder`` (nothing else)."""
-    stale = [p for p in folder.iterdir() if p.is_file() and TEMPORARY_NAME.fullmatch(p.name)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so that readers only ever see the old or the new content."""
-    temporary = temporary_path(path)
-    try:
-        with open(temporary, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that readers only ever see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
-    try:
-        save_file(
-            {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()},
-            str(temporary),
-            metadata=metadata,
-        )
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write a safetensors file so that readers only ever see the old or the new file
+    (`zoo.files.atomic_write_bytes`; `WriteFailed` when the system refuses)."""
+    cpu = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    atomic_write_bytes(Path(path), save(cpu, metadata=metadata))
 
 
 def is_pickle(path: Path) -> bool:
@@ -252,11 +218,11 @@ def read_info(path: Path) -> CheckpointInfo:
             f"{path}: zoo.config field {non_finite[0]} is {non_finite[1]}, not a finite number; "
             "the file is damaged or was edited"
         )
-    attr_names = _json(path, metadata, "zoo.attributes", [])
-    if not all(isinstance(name, str) for name in attr_names):
-        raise ZooError(
-            f"{path}: metadata zoo.attributes is not a list of names; the file is damaged"
-        )
+    attr_names = check_attribute_names(
+        _json(path, metadata, "zoo.attributes", []),
+        f"{path}: metadata zoo.attributes",
+        "the file is damaged or was edited",
+    )
     return CheckpointInfo(
         path=path,
         model_name=metadata["zoo.model"],
@@ -289,25 +255,29 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> GenerativeMode
 
 def _model_class(info: CheckpointInfo) -> type[GenerativeModel]:
     """The class that rebuilds the checkpoint's model; if a plugin provided it and is not
-    installed, the error names the distribution (and version) to install."""
+    installed, the error names the distribution (and version) to install. The ``pip install``
+    advice is given only for a valid distribution name and version: the file is not trusted."""
     if info.source == "zoo" or MODELS.find(info.model_name):
         return get_model_class(info.model_name)
-    wanted = f"{info.source}=={info.source_version}" if info.source_version else info.source
-    if ":" in info.source:  # an entry point outside any distribution
-        advice = f"make the entry point {info.source} importable again"
-    else:
-        try:
-            installed = importlib.metadata.version(info.source)
-            advice = (
-                f"{info.source} {installed} is installed but does not provide it; "
-                f"pip install '{wanted}'"
-            )
-        except importlib.metadata.PackageNotFoundError:
-            advice = f"it is not installed; pip install '{wanted}'"
-    raise ZooError(
-        f"{info.path}: model {info.model_name!r} comes from the plugin {info.source}"
-        f"{' ' + info.source_version if info.source_version else ''}; {advice}"
-    )
+    source, version = printable(info.source), printable(info.source_version)
+    plugin = f"{info.path}: model {printable(info.model_name)!r} comes from the plugin {source}"
+    if is_entry_point(info.source):  # an entry point outside any distribution
+        raise ZooError(f"{plugin}; make the entry point {source} importable again")
+    if not is_distribution_name(info.source):
+        raise ZooError(
+            f"{info.path}: model {printable(info.model_name)!r} names {source!r} as its plugin, "
+            "which is not a distribution name or entry point; the file is damaged or was edited"
+        )
+    wanted = info.source
+    if is_version(info.source_version):
+        wanted += f"=={info.source_version}"
+    try:
+        installed = importlib.metadata.version(info.source)
+        advice = f"{info.source} {installed} is installed but does not provide it"
+    except importlib.metadata.PackageNotFoundError:
+        advice = "it is not installed"
+    recorded = f" {version}" if version else ""
+    raise ZooError(f"{plugin}{recorded}; {advice}; pip install '{wanted}'")
 
 
 def _skeleton(

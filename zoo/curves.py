@@ -9,14 +9,14 @@ runs and only the picture is missing.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from zoo.checkpoint import temporary_path
-from zoo.errors import ZooError
+from zoo.errors import ZooError, failure_text
+from zoo.files import temporary_path
+from zoo.metrics_log import METRICS_FILE, read_log
 
 log = logging.getLogger(__name__)
 
@@ -26,19 +26,12 @@ NOT_LOSSES = {"step", "epoch", "img_per_s", "wall_time_s", "kl_weight", "lr"}
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The complete records of a run's ``metrics.jsonl`` (a line cut short by a kill is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """The records of a run's ``metrics.jsonl``; lines that are not records are skipped with
+    one warning (`zoo.metrics_log`)."""
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise ZooError(f"{run_dir} has no metrics.jsonl; pass a run folder written by zoo train")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+        raise ZooError(f"{run_dir} has no {METRICS_FILE}; pass a run folder written by zoo train")
+    return [record for _, record in read_log(path)]
 
 
 def loss_terms(records: list[dict[str, Any]]) -> list[str]:
@@ -115,8 +108,8 @@ def _epoch_boundaries(records: list[dict[str, Any]]) -> list[int]:
 
 
 def write_run_curves(run_dir: Path) -> Path | None:
-    """``curves.png`` of one run, or None (one info line) when matplotlib is missing or the
-    log has no record yet: a picture must never stop a training run."""
+    """``curves.png`` of one run, or None (one line) when matplotlib is missing, the log has no
+    record yet, or drawing fails for any reason: a picture must never stop a training run."""
     try:
         records = read_records(run_dir)
         if not records:
@@ -124,4 +117,6 @@ def write_run_curves(run_dir: Path) -> Path | None:
         return draw_curves({run_dir.name: records}, run_dir / CURVES_FILE, title=run_dir.name)
     except ZooError as error:
         log.info("%s not drawn: %s", CURVES_FILE, error)
-        return None
+    except Exception as error:
+        log.warning("%s not drawn: %s; training goes on", CURVES_FILE, failure_text(error))
+    return None

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from zoo.checkpoint import atomic_write_text
 from zoo.data.cache import cache_dir
-from zoo.errors import ZooError, error_reason
+from zoo.errors import ZooError
+from zoo.files import WriteFailed, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,9 @@ def store_measurement(device: torch.device, times: StepTimes) -> None:
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(entries, indent=2) + "\n")
-    except OSError as error:
-        log.warning("could not store the precision probe in %s (%s)", path, error_reason(error))
+    except WriteFailed as error:
+        log.warning("could not store the precision probe (%s)", error)
 
 
 def choose_precision(device: torch.device, precision: str) -> PrecisionChoice:

@@ -15,3 +15,12 @@ def error_reason(error: BaseException) -> str:
     """The first line of a library's exception (or its type name), to quote inside a ZooError."""
     text = str(error)
     return text.splitlines()[0] if text.strip() else type(error).__name__
+
+
+def failure_text(error: BaseException) -> str:
+    """One line for what a plugin (or any code zoo did not write) raised: a ZooError's own
+    message, anything else as ``Type: first line`` so the reader knows what broke."""
+    if isinstance(error, ZooError):
+        return str(error)
+    message = str(error).splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}".rstrip(": ")

@@ -28,6 +28,7 @@ from zoo.checkpoint import (
 from zoo.data import ImageData, Preprocess, checkpoint_data, load_image_file
 from zoo.errors import ZooError
 from zoo.model import GenerativeModel
+from zoo.names import check_attribute_names
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,9 @@ def file_digest(path: Path) -> str:
 
 
 def concept_path(checkpoint: Path, attribute: str) -> Path:
-    """Concept vectors live beside the checkpoint: ``<run>/concepts/<attribute>.safetensors``."""
+    """Concept vectors live beside the checkpoint: ``<run>/concepts/<attribute>.safetensors``,
+    for plain attribute names only (a name with ``/`` or ``..`` would leave the folder)."""
+    check_attribute_names([attribute], "concept vector", "use an attribute of the model")
     return Path(checkpoint).parent / "concepts" / f"{attribute}.safetensors"
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from zoo.errors import ZooError
+from zoo.errors import ZooError, failure_text
 
 if TYPE_CHECKING:
     from zoo.model import GenerativeModel
@@ -172,15 +172,6 @@ class PluginRegistry(Generic[T]):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         plural = "metrics" if self.kind == "metric" else f"{self.kind}s"
         raise ZooError(f"unknown {self.kind} {name!r}.{hint} Known {plural}: {', '.join(known)}")
-
-
-def failure_text(error: BaseException) -> str:
-    """One line for what a plugin (or any code zoo did not write) raised: a ZooError's own
-    message, anything else as ``Type: first line`` so the reader knows what broke."""
-    if isinstance(error, ZooError):
-        return str(error)
-    message = str(error).splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {message}".rstrip(": ")
 
 
 def _qualname(obj: Any) -> str:

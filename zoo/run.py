@@ -16,14 +16,17 @@ logs and saves.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import shlex
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,18 +43,19 @@ from rich.progress import (
 )
 
 from zoo import distributed
-from zoo.checkpoint import atomic_write_text, load_train_state, remove_temporaries, save_train_state
+from zoo.checkpoint import load_train_state, save_train_state
 from zoo.config import with_overrides
 from zoo.curves import write_run_curves
 from zoo.data import ImageData
 from zoo.device import PrecisionChoice, autocast, choose_precision, keep_freed_memory
 from zoo.errors import ZooError, error_reason
+from zoo.files import WriteFailed, append_text, atomic_write_bytes, remove_temporaries
+from zoo.metrics_log import METRICS_FILE, read_log
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.safetensors"
 SETTINGS_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel
 
 T = TypeVar("T")
@@ -124,21 +128,16 @@ def _set_rng_state(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the step a run resumes from (and a line cut short by a crash).
+    """Drop log lines past the step a run resumes from, and lines that are not records (a line
+    cut short by a crash, one edited into something else: `zoo.metrics_log`).
 
     The window the saved step was in is part of the saved state, so the next record covers
     the steps between the last kept record and the saved step too.
     """
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    kept = [line for line, record in read_log(path) if record["step"] <= step]
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
 
 
 def new_run_dir(out: Path, name: str) -> Path:
@@ -149,7 +148,11 @@ def new_run_dir(out: Path, name: str) -> Path:
     while run_dir.exists():
         suffix += 1
         run_dir = out / f"{name}-{stamp}-{suffix}"
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        failed = WriteFailed(run_dir, error)
+        raise ZooError(f"{failed}; nothing was trained; {failed.advice()} or pass --out") from None
     return run_dir
 
 
@@ -259,10 +262,10 @@ class CtrlC:
 def training_progress(enabled: bool) -> Progress:
     """The bar of every training loop: steps, the loop's live numbers (`stats`), time and ETA."""
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
+        TextColumn("{task.fields[stats]}", markup=False),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -281,6 +284,7 @@ class TrainingRun:
     """
 
     name: str  # run folder prefix and progress-bar label
+    command: str  # the zoo command that runs it ("train"), for the resume advice
     weights_file: str
     min_images_per_rank = 0  # 2 for batch norm: a smaller last batch is dropped instead
 
@@ -323,11 +327,13 @@ class TrainingRun:
             self.run_dir = self._new_run_dir()
         else:
             self.run_dir = Path(resume)
-            self._restore()
-        self.started()
-        if self.is_main:
-            record = json.dumps(self.settings_record(), indent=2)
-            atomic_write_text(self.run_dir / SETTINGS_FILE, record)
+        with self._writes_that_keep_the_last_save():
+            if resume is not None:
+                self._restore()
+            self.started()
+            if self.is_main:
+                record = json.dumps(self.settings_record(), indent=2)
+                atomic_write_bytes(self.run_dir / SETTINGS_FILE, record.encode())
 
     # -- what a subclass says ---------------------------------------------------------------------
 
@@ -441,9 +447,6 @@ class TrainingRun:
                 f"cannot resume {self.run_dir}: {STATE_FILE} is missing (the run never saved); "
                 "start a new run instead"
             )
-        if self.is_main:
-            for path in remove_temporaries(self.run_dir):
-                log.info("removed %s, left by a write that was killed", path.name)
         state = load_train_state(state_path)
         fingerprint = state.extra.get("data_fingerprint")
         if fingerprint and fingerprint != self.data.fingerprint:
@@ -466,15 +469,18 @@ class TrainingRun:
         self.step = state.step
         self.last_saved_step = state.step
         if self.is_main:
+            for path in remove_temporaries(self.run_dir):
+                log.info("removed %s, left by a write that was killed", path.name)
             _truncate_metrics(self.run_dir / METRICS_FILE, state.step)
-        self.wall_time = float(state.extra.get("wall_time", 0.0))
-        self.images_seen = int(state.extra.get("images_seen", 0))
-        self.last_losses = state.extra.get("last_losses", {})
         try:
+            self.wall_time = float(state.extra.get("wall_time", 0.0))
+            self.images_seen = int(state.extra.get("images_seen", 0))
+            self.last_losses = {k: float(v) for k, v in state.extra.get("last_losses", {}).items()}
             self.window.load_state(state.extra.get("window", {}), sums=self.is_main)
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             raise ZooError(
-                f"{state_path} holds a malformed logging window; the run folder is damaged"
+                f"{state_path} holds malformed run totals or logging window; the run folder is "
+                "damaged"
             ) from None
 
     def wall_time_s(self) -> float:
@@ -490,25 +496,51 @@ class TrainingRun:
         if not self.is_main:
             return
         self.model.eval()
-        self.save_weights()
-        save_train_state(
-            self.run_dir / STATE_FILE,
-            self.model,
-            self.optimizer,
-            step=self.step,
-            rng_state=rng_state,
-            extra={
-                "wall_time": self.wall_time,
-                "images_seen": self.images_seen,
-                "last_losses": self.last_losses,
-                "data_fingerprint": self.data.fingerprint,
-                "window": self.window.state(),
-            },
-        )
+        with self._writes_that_keep_the_last_save():
+            self.save_weights()
+            save_train_state(
+                self.run_dir / STATE_FILE,
+                self.model,
+                self.optimizer,
+                step=self.step,
+                rng_state=rng_state,
+                extra={
+                    "wall_time": self.wall_time,
+                    "images_seen": self.images_seen,
+                    "last_losses": self.last_losses,
+                    "data_fingerprint": self.data.fingerprint,
+                    "window": self.window.state(),
+                },
+            )
         self.last_saved_step = self.step
         write_run_curves(self.run_dir)
-        self.saved()
+        try:
+            self.saved()
+        except WriteFailed as error:  # the card is a convenience: the save itself is complete
+            log.warning("%s; training goes on (the weights and state are saved)", error)
         self.model.train()
+
+    @contextlib.contextmanager
+    def _writes_that_keep_the_last_save(self) -> Iterator[None]:
+        """Turn a refused write (disk full, read-only, permission denied) into one line that
+        says which file, what the system said, that the last save is intact, and what to do."""
+        try:
+            yield
+        except WriteFailed as error:
+            if self.last_saved_step:
+                kept = (
+                    f"nothing was lost: the last save (step {self.last_saved_step}, "
+                    f"{STATE_FILE} in {self.run_dir}) is intact"
+                )
+                then = f"continue with: {self.resume_command()}"
+            else:
+                kept, then = "nothing was saved yet", "start the run again"
+            raise ZooError(f"{error}; {kept}; {error.advice()}, then {then}") from None
+
+    def resume_command(self) -> str:
+        """The shell command that continues this run, with as many processes."""
+        nproc = f" --nproc {self.ranks.world_size}" if not self.ranks.solo else ""
+        return f"zoo {self.command} --resume {shlex.quote(str(self.run_dir))}{nproc}"
 
     def _shard(self, plan: EpochPlan) -> Shard:
         """This process's images of the step's global batch (all of them in a world of one).
@@ -570,12 +602,7 @@ class TrainingRun:
         plan = epoch_plan(len(self.data), settings.seed, self.step // self.steps_per_epoch)
         self.model.train()
         self.stop_agreed = False
-        metrics_path = self.run_dir / METRICS_FILE if self.is_main else Path(os.devnull)
-        with (
-            training_progress(self.show_progress) as progress,
-            metrics_path.open("a") as metrics,
-            self.ctrl_c,
-        ):
+        with training_progress(self.show_progress) as progress, self.ctrl_c:
             total, done = self.total_steps, self.step
             task = progress.add_task(self.name, total=total, completed=done, stats="")
             try:
@@ -594,7 +621,7 @@ class TrainingRun:
                     epoch_end = self.step % self.steps_per_epoch == 0
                     finished = self.step == self.total_steps
                     if self.window.steps >= settings.log_every or epoch_end or finished:
-                        self._log(metrics, epoch_end or finished)
+                        self._log(epoch_end or finished)
                         progress.update(task, stats=self.stats())
                     progress.update(task, completed=self.step)
                     paused = time.perf_counter()
@@ -623,7 +650,7 @@ class TrainingRun:
         once every rank knows, so they all stop after the same step."""
         return self.ctrl_c.pressed if self.ranks.solo else self.stop_agreed
 
-    def _log(self, metrics: Any, at_epoch_end: bool) -> None:
+    def _log(self, at_epoch_end: bool) -> None:
         """Close the logging window: the only place the loop syncs with the device."""
         window = self.window
         self.wall_time += window.elapsed()
@@ -641,9 +668,9 @@ class TrainingRun:
         self.last_rate = window.rate()
         if at_epoch_end:
             record.update(self.epoch_fields())
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
         if self.is_main:
+            with self._writes_that_keep_the_last_save():
+                append_text(self.run_dir / METRICS_FILE, json.dumps(record) + "\n")
             self.logged(record)
         window.reset()
 

@@ -111,6 +111,7 @@ def build_model(settings: TrainSettings, data: ImageData) -> GenerativeModel:
 class Trainer(TrainingRun):
     """A generative model's training run (the loop and its plumbing are `zoo.run`'s)."""
 
+    command = "train"
     weights_file = MODEL_FILE
 
     def __init__(

@@ -190,7 +190,7 @@ class _RateColumn(ProgressColumn):
 def image_progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
     """A rich progress bar on stderr (stdout stays clean for tables); yields ``advance(n)``."""
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         _RateColumn(),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo.errors import ZooError
+from zoo.names import check_attribute_names
 
 IMAGE_DIR = "img_align_celeba"
 ATTR_FILE = "list_attr_celeba.txt"
@@ -192,6 +193,7 @@ def _parse_attr_file(path: Path) -> tuple[list[str], list[str], np.ndarray, list
             f"{path} line {header_index + 1}: expected the attribute names; "
             "restore the official header (count line, then names)"
         )
+    check_attribute_names(attr_names, f"{path} line {header_index + 1}", "rename it in the header")
     _reject_duplicates(attr_names, [header_index + 1] * len(attr_names), path, "attribute")
 
     split_lines = [line.split(None, 1) for line in lines[header_index + 1 :]]
