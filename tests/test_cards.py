@@ -19,7 +19,7 @@ from zoo.card import BENCH_FILE, record_bench_result, write_card
 from zoo.checkpoint import load_train_state, read_info
 from zoo.curves import write_run_curves
 from zoo.errors import ZooError
-from zoo.train import Trainer, TrainSettings
+from zoo.train import Trainer, TrainSettings, resume_settings
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,3 +280,35 @@ def test_two_benches_on_one_checkpoint_at_once_keep_every_result(one_run, tmp_pa
     assert len(results) == 24  # a read-change-write without the lock loses some
     meta, _ = card_parts(run / "README.md")
     assert len(meta["model-index"][0]["results"]) == 24  # and the card shows them all
+
+
+class PowerCut(Exception):
+    """Stands in for a kill: the process stops mid-step and saves nothing more."""
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(synthetic_faces, tmp_path, monkeypatch):
+    """Records at 2, 4, 5 (epoch end), 7; saves at 4 and 5; the power is cut in step 8, so
+    the resumed run logs 7 again: TensorBoard must drop the first 7, as metrics.jsonl does."""
+    settings = TrainSettings(
+        model="cvae", data=synthetic_faces, image_size=16, batch_size=16, max_steps=12,
+        log_every=2, save_every=4, tensorboard=True, out=str(tmp_path), precision="fp32",
+        model_config={"latent_dim": 4, "base_channels": 4, "max_channels": 8},
+    )  # fmt: skip
+    trainer = Trainer(settings, progress=False)
+    loss = trainer.model.loss
+
+    def cut_at_step_8(x, y=None, **options):
+        if trainer.step + 1 == 8:
+            raise PowerCut
+        return loss(x, y, **options)
+
+    monkeypatch.setattr(trainer.model, "loss", cut_at_step_8)
+    with pytest.raises(PowerCut):
+        trainer.run()
+    run = trainer.run_dir
+    Trainer(resume_settings(run), resume=run, progress=False).run()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5, 7, 9, 10, 12]
+    events = EventAccumulator(str(run / "tensorboard")).Reload().Scalars("loss")
+    assert [e.step for e in events] == [r["step"] for r in records]
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in records])

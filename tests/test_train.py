@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import zoo
 from zoo import run
 from zoo.checkpoint import load_train_state
+from zoo.curves import read_records, write_run_curves
 from zoo.errors import ZooError
 from zoo.train import Trainer, TrainSettings, resume_settings
 
@@ -321,6 +322,40 @@ def test_a_damaged_logging_window_in_the_resume_file_is_one_line(faces, tmp_path
     save_file(tensors, str(path), metadata={**metadata, "extra": json.dumps(extra)})
     with pytest.raises(ZooError, match="logging window; the run folder is damaged"):
         Trainer(resume_settings(run, max_steps=3), resume=run, progress=False)
+
+
+# README "What happens when ...": a run's metrics.jsonl or config.json is damaged
+def test_lines_of_the_metrics_log_that_are_not_records_never_stop_curves_or_a_resume(
+    faces, tmp_path, caplog
+):
+    run = Trainer(settings(faces, tmp_path, max_steps=4), progress=False).run().run_dir
+    log = run / "metrics.jsonl"
+    good = log.read_bytes()
+    log.write_bytes(good + b'{"step": 3, "loss": "\xff\xfe"}\n{"step": 4, "epoch": "two"}\n[1]\n')
+    assert [r["step"] for r in read_records(run)] == [2, 4]
+    assert "skipped 3 line(s) that are not zoo records (line 3 first)" in caplog.text
+    assert write_run_curves(run) is not None  # the picture is drawn from the good records
+    resumed = Trainer(resume_settings(run, max_steps=8), resume=run, progress=False)
+    assert resumed.run().step == 8  # it saved (and drew its curves) at steps 5 and 8
+    assert log.read_bytes().startswith(good) and b"two" not in log.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "is not a zoo run config"),
+        (b'{"settings": {"model": "cvae", "epochs": "two"}}', "setting epochs is 'two', not"),
+        (b'{"settings": {"model": "cvae", "flip": 1}}', "setting flip is 1, not"),
+        (b'{"settings": {"model": "cvae", "surprise": 1}}', "is not a zoo run config"),
+        (b"[" * 100_000, "is not a zoo run config"),
+    ],
+)
+def test_a_damaged_run_config_is_one_line(faces, tmp_path, content, fragment):
+    run = Trainer(settings(faces, tmp_path, max_steps=2), progress=False).run().run_dir
+    (run / "config.json").write_bytes(content)
+    with pytest.raises(ZooError, match=fragment) as caught:
+        resume_settings(run)
+    assert str(run / "config.json") in str(caught.value) and "\n" not in str(caught.value)
 
 
 # README "What happens when ...": `--resume` points at data that changed, or at a folder

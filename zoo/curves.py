@@ -9,13 +9,14 @@ runs and only the picture is missing.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from zoo.errors import ZooError, failure_text
-from zoo.files import temporary_path
+from zoo.files import atomic_write_bytes
 from zoo.metrics_log import METRICS_FILE, read_log
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,11 @@ def draw_curves(runs: dict[str, list[dict[str, Any]]], out: Path, title: str = "
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = temporary_path(out)
-    figure.savefig(partial, format="png", dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
     pyplot.close(figure)
-    partial.replace(out)
-    return out
+    atomic_write_bytes(Path(out), png.getvalue())
+    return Path(out)
 
 
 def _epoch_boundaries(records: list[dict[str, Any]]) -> list[int]:

@@ -26,6 +26,8 @@ import shlex
 import signal
 import threading
 import time
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,6 +53,7 @@ from zoo.device import PrecisionChoice, autocast, choose_precision, keep_freed_m
 from zoo.errors import ZooError, error_reason
 from zoo.files import WriteFailed, append_text, atomic_write_bytes, remove_temporaries
 from zoo.metrics_log import METRICS_FILE, read_log
+from zoo.names import printable
 
 log = logging.getLogger(__name__)
 
@@ -690,13 +693,34 @@ class TrainingRun:
 
 def stored_settings(run_dir: Path, settings_class: type[T], **overrides: Any) -> T:
     """The settings a run was started with (its ``config.json``), with the given options
-    replaced where they are not None (step budgets, to extend a run)."""
+    replaced where they are not None (step budgets, to extend a run). A file that is not
+    what zoo wrote (not UTF-8 JSON, missing or unknown fields, a field of the wrong type) is
+    one line."""
     path = Path(run_dir) / SETTINGS_FILE
     if not path.is_file():
         raise ZooError(f"cannot resume {run_dir}: {SETTINGS_FILE} is missing; is it a zoo run?")
+    damaged = f"{path} is not a zoo run config"
     try:
-        stored = json.loads(path.read_text())["settings"]
+        stored = json.loads(path.read_bytes().decode("utf-8"))["settings"]
         stored.update(with_overrides(dict, **overrides))
+        _check_types(settings_class, stored, damaged)
         return settings_class(**stored)
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ZooError(f"{path} is not a zoo run config; the run folder is damaged") from None
+    except (ValueError, KeyError, TypeError, RecursionError, OSError):
+        raise ZooError(f"{damaged}; the run folder is damaged") from None
+
+
+def _check_types(settings_class: type, values: dict[str, Any], damaged: str) -> None:
+    """Every stored setting has the type its field declares (``int | None``, ``list[str]``)."""
+    for name, hint in typing.get_type_hints(settings_class).items():
+        if name not in values:
+            continue
+        value = values[name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(kind) or kind for kind in allowed)
+        if float in kinds:
+            kinds += (int,)  # JSON writes 1.0 as 1
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise ZooError(
+                f"{damaged}: setting {name} is {printable(repr(value))[:60]}, not {hint}; "
+                "the run folder is damaged"
+            )

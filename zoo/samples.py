@@ -1,7 +1,8 @@
-"""PNG grids of images: what a person looks at to judge a model."""
+"""PNG grids of images: what a person looks at to judge a model (written atomically)."""
 
 from __future__ import annotations
 
+import io
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import save_image
 
+from zoo.files import atomic_write_bytes
 from zoo.model import GenerativeModel
 
 CAPTION_SIZE = 11
@@ -33,8 +35,9 @@ def training_grid(
     generator = torch.Generator(device=images.device).manual_seed(seed)
     samples = [model.generate(count, y, generator=generator) for _ in range(2)]
     rows = torch.cat([images, model.reconstruct(images, y), *samples]).float().clamp(0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows, path, nrow=count, padding=2, pad_value=1.0)
+    png = io.BytesIO()
+    save_image(rows, png, format="png", nrow=count, padding=2, pad_value=1.0)
+    atomic_write_bytes(path, png.getvalue())
 
 
 @dataclass
@@ -76,10 +79,10 @@ def save_captioned_grid(
             draw.text((PADDING, y + line_number * LINE_HEIGHT), line, fill="black", font=font)
         for column, image in enumerate(row.images.detach().float().clamp(0, 1).cpu()):
             canvas.paste(_to_pil(image, scale), (label_width + column * cell + PADDING, y))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    png = io.BytesIO()
+    canvas.save(png, format="PNG")
+    atomic_write_bytes(Path(path), png.getvalue())
+    return Path(path)
 
 
 def _wrap(text: str) -> list[str]:

@@ -8,9 +8,11 @@ the loop, logging, saves, exact resume and DDP are `zoo.run`'s, shared with the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import zoo
 from zoo.card import write_card
 from zoo.checkpoint import save_checkpoint
 from zoo.data import ImageData, load_data, resolve_source
-from zoo.errors import ZooError
+from zoo.errors import ZooError, error_reason
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
 from zoo.run import FUSED_ADAM_DEVICES, TrainingRun, stored_settings
@@ -128,9 +130,14 @@ class Trainer(TrainingRun):
         self.tensorboard: Any = None
         super().__init__(settings, resume=resume, progress=progress)
         if writer_class is not None and self.is_main:
-            self.tensorboard = writer_class(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+            # a resumed run drops the events logged after its last save, as metrics.jsonl does
+            self.tensorboard = writer_class(
+                log_dir=str(self.run_dir / TENSORBOARD_DIR),
+                purge_step=self.step + 1 if resume is not None else None,
+            )
             config = json.dumps(self.settings_record(), indent=2)
-            self.tensorboard.add_text("config", f"```\n{config}\n```", self.step)
+            with self._secondary("TensorBoard events"):
+                self.tensorboard.add_text("config", f"```\n{config}\n```", self.step)
 
     def load_data(self, progress: bool) -> ImageData:
         return load_training_data(self.settings, progress=progress)
@@ -160,19 +167,31 @@ class Trainer(TrainingRun):
         if finished or (self.step % every == 0 if every else epoch_end):
             self.write_samples()
 
+    @contextlib.contextmanager
+    def _secondary(self, what: str) -> Iterator[None]:
+        """Pictures and TensorBoard events are for reading a run, not the run itself: a write
+        the system refuses (a full disk) is one warning and training goes on; a write that
+        matters fails at the next save, with its own line."""
+        try:
+            yield
+        except OSError as error:  # WriteFailed, or what PIL / TensorBoard raise
+            log.warning("%s not written: %s; training goes on", what, error_reason(error))
+
     def logged(self, record: dict[str, Any]) -> None:
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.tensorboard.add_scalar(key, value, record["step"])
-            self.tensorboard.flush()
+            with self._secondary("TensorBoard events"):
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, int | float):
+                        self.tensorboard.add_scalar(key, value, record["step"])
+                self.tensorboard.flush()
 
     def saved(self) -> None:
         write_card(self.run_dir / MODEL_FILE)
 
     def closed(self) -> None:
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with self._secondary("TensorBoard events"):
+                self.tensorboard.close()
 
     def stats(self) -> str:
         losses = self.last_losses
@@ -241,11 +260,13 @@ class Trainer(TrainingRun):
         self.model.eval()
         images, attrs = self.preview
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        training_grid(self.model, images, attrs, path, seed=self.settings.seed)
+        with self._secondary(f"sample grid {path.name}"):
+            training_grid(self.model, images, attrs, path, seed=self.settings.seed)
         self.model.train()
-        if self.tensorboard is not None:
-            self.tensorboard.add_image("samples", read_image(str(path)), self.step)
-            self.tensorboard.flush()
+        if self.tensorboard is not None and path.is_file():
+            with self._secondary("TensorBoard events"):
+                self.tensorboard.add_image("samples", read_image(str(path)), self.step)
+                self.tensorboard.flush()
         return path
 
 
