@@ -77,10 +77,12 @@ class _OneLineHandler(logging.Handler):
 
 
 def _setup_logging() -> None:
-    logger = logging.getLogger("zoo")
-    if not any(isinstance(h, _OneLineHandler) for h in logger.handlers):
-        logger.addHandler(_OneLineHandler())
-    logger.setLevel(logging.INFO)
+    """The library's and the benchmarks' notices, as one line each."""
+    for name in ("zoo", "benchmarks"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _OneLineHandler) for h in logger.handlers):
+            logger.addHandler(_OneLineHandler())
+        logger.setLevel(logging.INFO)
 
 
 @dataclass(frozen=True)

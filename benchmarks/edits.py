@@ -219,6 +219,7 @@ class EditAccuracy(Metric):
             "classifier": {
                 "path": str(classifier_info.path),
                 "backbone": classifier_info.backbone,
+                "image_size": classifier_info.image_size,
                 "split": ruler["split"],
                 "n": ruler["n"],
                 "mean_accuracy_all": ruler["mean_accuracy"],

@@ -318,8 +318,9 @@ def classifier_fid(features: nn.Module) -> FrechetInceptionDistance:
     return FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=False)
 
 
-def _classifier(context: BenchContext) -> tuple[Any, str]:
-    """(the attribute classifier for the data, its identity ``classifier:<backbone>:<digest>``).
+def _classifier(context: BenchContext) -> tuple[Any, Any, str]:
+    """(the attribute classifier for the data, its file's info, its identity
+    ``classifier:<backbone>:<digest>``).
 
     ``context.classifier()`` finds it (``--classifier``, else by data fingerprint and image
     size under the runs folder) and raises the ZooError that says how to train one.
@@ -331,7 +332,7 @@ def _classifier(context: BenchContext) -> tuple[Any, str]:
         digest = file_sha256(Path(path))[:16]
     else:  # identify by the weights themselves
         digest = _state_digest(classifier)
-    return classifier, f"classifier:{backbone or type(classifier).__name__}:{digest}"
+    return classifier, info, f"classifier:{backbone or type(classifier).__name__}:{digest}"
 
 
 def _state_digest(module: Any) -> str:
@@ -375,7 +376,7 @@ def extractor_for(context: BenchContext, choice: str | None = None) -> Extractor
             key, lambda: _inception_extractor(weights, metric_device(context.device))
         )
     if choice == "classifier":
-        classifier, features = _classifier(context)  # it resizes images to its own size
+        classifier, info, features = _classifier(context)  # it resizes images to its size
         device = metric_device(context.device)
         return context.shared(
             f"fid:{features}",
@@ -386,6 +387,7 @@ def extractor_for(context: BenchContext, choice: str | None = None) -> Extractor
                 metric=classifier_fid(ClassifierFeatures(classifier, context.device)).to(device),
                 prepare=lambda images: images.float(),
                 device=device,
+                details={"classifier_image_size": getattr(info, "image_size", None)},
             ),
         )
     raise ZooError(f"unknown --fid-features {choice!r}; use one of {', '.join(FEATURE_CHOICES)}")

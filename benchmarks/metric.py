@@ -12,6 +12,7 @@ metrics and exits non-zero at the end. `select_metrics` says which metrics a pla
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from zoo.errors import ZooError
 from zoo.figures import Figure
 from zoo.model import GenerativeModel
 from zoo.registry import PluginRegistry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +113,21 @@ class BenchContext:
                 f"no attribute classifier for {root} at {size} px under {self.settings.runs_dir}/; "
                 f"train one with: zoo train-classifier --data {root} --image-size {size}"
             )
-        return self.shared(f"classifier:{path}", lambda: load_classifier(path, self.device))
+        classifier, info = self.shared(
+            f"classifier:{path}", lambda: load_classifier(path, self.device)
+        )
+        if info.image_size != size:  # said once per classifier and size in a benchmark run
+            self.shared(f"classifier-size:{path}:{size}", lambda: self._resized_note(info, size))
+        return classifier, info
+
+    def _resized_note(self, info: Any, size: int) -> None:
+        root = self.info.data.get("root", "DIR")
+        log.warning(
+            "the classifier %s was trained on %d px images; this model's %d px images are "
+            "resized for it, so its edit and FD-attr numbers are not a %d px classifier's; "
+            "train one with: zoo train-classifier --data %s --image-size %d",
+            info.path, info.image_size, size, size, root, size,
+        )  # fmt: skip
 
     def shared(self, key: str, build: Callable[[], Any]) -> Any:
         """Build a tool once per benchmark run (e.g. the attribute classifier) and reuse it."""

@@ -6,10 +6,13 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from urllib.parse import quote
 
-from benchmarks.runner import BenchReport
+from benchmarks.runner import BenchReport, ModelResult
 from zoo.card import card_path, record_bench_result
 from zoo.errors import ZooError
+from zoo.files import atomic_write_text
+from zoo.names import markdown_code, markdown_text
 
 log = logging.getLogger(__name__)
 
@@ -30,36 +33,52 @@ def leaderboard(report: BenchReport) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown(report: BenchReport) -> str:
+    """The report as Markdown; names and paths are code spans and messages escaped text, so
+    no name from a file can add a row, a column or a section (`zoo.names`)."""
     header, rows = leaderboard(report)
     settings = report.settings
     lines = [
         "# zoo bench",
         "",
-        f"{report.created}: split `{settings.split}`, n = {settings.n or 'all'}, "
-        f"seed {settings.seed}, device {report.device}, FID features `{settings.fid_features}`.",
+        f"{markdown_text(report.created)}: split {markdown_code(settings.split)}, "
+        f"n = {settings.n or 'all'}, seed {settings.seed}, device {markdown_code(report.device)}, "
+        f"FID features {markdown_code(settings.fid_features)}.",
         "",
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(markdown_text(column) for column in header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *(
+            "| "
+            + " | ".join(
+                [markdown_code(row[0]), markdown_code(row[1])] + [markdown_text(c) for c in row[2:]]
+            )
+            + " |"
+            for row in rows
+        ),
     ]
+
+    def who(result: ModelResult, where: str) -> str:
+        return f"- {markdown_code(result.info.model_name)} ({markdown_code(where)})"
+
     errors = [
-        f"- {result.info.model_name} ({result.checkpoint}): {name}: {message}"
+        f"{who(result, str(result.checkpoint))}: {markdown_code(name)}: {markdown_text(message)}"
         for result in report.results
         for name, message in result.errors.items()
     ]
     data_notes = [
-        f"- {result.info.model_name} ({result.checkpoint}): {result.data_note}"
+        f"{who(result, str(result.checkpoint))}: {markdown_text(result.data_note)}"
         for result in report.results
         if result.data_note
     ]
-    figures = [
-        f"- {result.info.model_name} ({result.checkpoint.parent.name}): ![]({Path(figure).name})"
+    figures = [  # zoo names the pictures from the run folder: the link is percent-encoded
+        f"{who(result, result.checkpoint.parent.name)}: ![]({quote(Path(figure).name)})"
         for result in report.results
         for figure in result.figure_paths
     ]
     timings = [
-        f"- {result.info.model_name} ({result.checkpoint.parent.name}): "
-        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.wall_time_s.items())
+        f"{who(result, result.checkpoint.parent.name)}: "
+        + ", ".join(
+            f"{markdown_code(name)} {seconds:.1f} s" for name, seconds in result.wall_time_s.items()
+        )
         for result in report.results
         if result.wall_time_s
     ]
@@ -88,9 +107,9 @@ def write_report(report: BenchReport, path: Path) -> tuple[Path, Path]:
             )
             for name, figure in result.figures
         ]
-    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
     table = path.with_suffix(".md")
-    table.write_text(markdown(report))
+    atomic_write_text(table, markdown(report))
     return path, table
 
 

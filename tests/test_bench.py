@@ -129,7 +129,9 @@ def toy_context(model: GenerativeModel, data: ImageData, **settings) -> BenchCon
     context = BenchContext(
         model, info.path, info, data, BenchSettings(batch_size=7, **settings), torch.device("cpu")
     )
-    ruler = SimpleNamespace(path=Path("/toy/classifier.safetensors"), backbone="colour")
+    ruler = SimpleNamespace(
+        path=Path("/toy/classifier.safetensors"), backbone="colour", image_size=8
+    )
     context.classifier = lambda: (ColourClassifier(data.attr_names), ruler)
     return context
 
@@ -210,7 +212,7 @@ def test_edit_accuracy_is_also_reported_over_the_attributes_the_ruler_reads():
     model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
     data = painted_data()
     context = toy_context(model, data)
-    ruler = SimpleNamespace(path=Path("/toy/blind.safetensors"), backbone="colour")
+    ruler = SimpleNamespace(path=Path("/toy/blind.safetensors"), backbone="colour", image_size=8)
     context.classifier = lambda: (BlindToBald(), ruler)
     result = EditAccuracy().compute(context)
     trusted = result["trusted_ruler"]
@@ -406,7 +408,7 @@ def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
     result = CliRunner().invoke(app, [str(a) for a in [*args, "--fid-features", "classifier"]])
     assert result.exit_code == 0, result.output
     assert "FD-attr" in result.output and "edit acc" in result.output
-    assert out.is_file() and out.with_suffix(".md").read_text().count("| cvae |") == 1
+    assert out.is_file() and out.with_suffix(".md").read_text().count("| `cvae` |") == 1
     # one picture of single-attribute edits per conditional model, beside the table
     [cvae, vae] = json.loads(out.read_text())["results"]
     [picture] = cvae["figures"]
@@ -427,6 +429,28 @@ def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
     assert (
         "recon" in document["results"][0]["metrics"] and "fid" in document["results"][0]["errors"]
     )
+
+
+# README "What happens when ...": the classifier was trained at another image size
+def test_a_classifier_of_another_image_size_is_recorded_and_said(runs, synthetic_faces, tmp_path):
+    path, _ = train_classifier(
+        ClassifierSettings(data=synthetic_faces, image_size=24, backbone="test_resnet",
+                           max_steps=2, batch_size=16, out=str(tmp_path), progress=False)
+    )  # fmt: skip
+    [cvae] = [p for p in latest_runs(runs) if zoo.read_info(p).model_name == "cvae"]
+    out = tmp_path / "results.json"
+    done = CliRunner().invoke(app, [
+        "bench", str(cvae), "--metric", "edit", "--metric", "fid", "--fid-features",
+        "classifier", "--classifier", str(path), "--n", "8", "--out", str(out), "--no-progress",
+        "--device", "cpu",
+    ])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    flat = " ".join(done.output.split())
+    assert flat.count("was trained on 24 px images; this model's 16 px images are resized") == 1
+    assert "zoo train-classifier --data" in flat and "--image-size 16" in flat
+    [result] = json.loads(out.read_text())["results"]
+    assert result["metrics"]["edit"]["classifier"]["image_size"] == 24
+    assert result["metrics"]["fid"]["classifier_image_size"] == 24
 
 
 # README "What happens when ...": a metric raises anything (a bug, in zoo or a plugin)
