@@ -26,6 +26,9 @@ from zoo.distributed import Ranks, join, without_nproc, worker_command
 ROOT = Path(__file__).resolve().parents[1]
 
 DETERMINISTIC_MODEL = """
+    import torch
+
+    from zoo.models.tcvae import BetaTCVAE
     from zoo.models.vae import VAE
 
 
@@ -37,6 +40,16 @@ DETERMINISTIC_MODEL = """
             recon = self.reconstruction_nll(self.decode_logits(posterior.mean, y), x).mean()
             kl = posterior.kl().mean()
             return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl}
+
+
+    class DeterministicTCVAE(BetaTCVAE):
+        '''beta-TCVAE whose noise is a function of each image alone: DDP must equal one process.'''
+
+        def encode_and_reconstruct(self, x, y=None):
+            posterior = self.encode(x, y)
+            noise = torch.sin(1000 * x.flatten(1)[:, : self.latent_dim].float())
+            z = posterior.mean + posterior.std * noise
+            return posterior, z, self.reconstruction_nll(self.decode_logits(z, y), x).mean()
 """
 
 
@@ -48,7 +61,9 @@ def environment(tmp_path_factory) -> dict[str, str]:
     info = site / "det_ae_plugin-0.0.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: det-ae-plugin\nVersion: 0.0.0\n")
-    (info / "entry_points.txt").write_text("[zoo.models]\ndet-ae = det_ae:DeterministicAE\n")
+    (info / "entry_points.txt").write_text(
+        "[zoo.models]\ndet-ae = det_ae:DeterministicAE\ndet-tcvae = det_ae:DeterministicTCVAE\n"
+    )
     path = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "ZOO_CACHE_DIR": str(site / "cache")}
 
@@ -111,6 +126,23 @@ def test_two_processes_match_one_for_any_batch_split_and_after_a_resume(
     summary = zoo.read_info(double / "model.safetensors").training
     assert summary["processes"] == 2 and summary["steps"] == 7
     assert len(list((tmp_path / "two").iterdir())) == 1  # the ranks shared one run folder
+
+
+def test_beta_tcvae_estimates_q_of_z_over_the_global_batch_under_ddp(
+    environment, synthetic_faces, tmp_path
+):
+    """Its total-correlation term compares every image with every other of the batch: two
+    processes must gather each other's posteriors to match one (the last batch of the epoch
+    leaves rank 1 without images)."""
+    single = train(environment, synthetic_faces, tmp_path / "one", "det-tcvae", *BATCHES,
+                   "--epochs", "1")  # fmt: skip
+    double = train(environment, synthetic_faces, tmp_path / "two", "det-tcvae", *BATCHES,
+                   "--epochs", "1", "--nproc", "2")  # fmt: skip
+    one, two = weights(single), weights(double)
+    assert (one - two).norm() / one.norm() < 1e-5
+    for a, b in zip(records(single), records(double), strict=True):
+        for key in ("loss", "total_correlation", "mutual_information", "dimension_kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
 EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_weight=1",

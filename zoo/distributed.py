@@ -9,6 +9,8 @@ whose collectives return their input, so the loop in `zoo.run` has one code path
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import runpy
 import signal
@@ -17,12 +19,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 from zoo.device import pick_device
 from zoo.errors import ZooError
@@ -79,9 +83,48 @@ class Ranks:
             return bool(torch.isfinite(health).all()), stop
         return agree(health, stop)
 
+    def parts(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every rank's share of a global batch, split as evenly as it goes, in rank order."""
+        return positions.tensor_split(self.world_size)
+
     def my_part(self, positions: torch.Tensor) -> torch.Tensor:
-        """This rank's share of a global batch, split as evenly as it goes."""
-        return positions if self.solo else positions.tensor_split(self.world_size)[self.rank]
+        """This rank's share of a global batch (`parts`)."""
+        return self.parts(positions)[self.rank]
+
+
+_batch_counts: contextvars.ContextVar[tuple[Ranks, tuple[int, ...]] | None] = (
+    contextvars.ContextVar("zoo_global_batch", default=None)
+)
+
+
+@contextlib.contextmanager
+def global_batch(ranks: Ranks, counts: tuple[int, ...]) -> Iterator[None]:
+    """While a training step runs: the step's global batch is ``counts[r]`` images on rank r
+    (a rank that has none runs one image at share 0), for losses that need the whole batch
+    (`gather_batch`)."""
+    token = _batch_counts.set((ranks, counts))
+    try:
+        yield
+    finally:
+        _batch_counts.reset(token)
+
+
+def gather_batch(rows: torch.Tensor) -> torch.Tensor:
+    """The rows of the whole global batch, this rank's and every other rank's, in rank order,
+    for a loss that compares each image with the others (beta-TCVAE's estimate of q(z)).
+
+    Gradients flow back to the rank that owns each row (``torch.distributed.nn``'s all_gather),
+    so under DDP the step's gradient is the one process's gradient on the global batch. One
+    process, or outside a training step: ``rows`` itself.
+    """
+    current = _batch_counts.get()
+    if current is None or current[0].solo:
+        return rows
+    ranks, counts = current
+    mine = rows[: counts[ranks.rank]]
+    padding = rows.new_zeros((max(counts) - mine.shape[0], *rows.shape[1:]))
+    gathered = dist_nn.all_gather(torch.cat([mine, padding]))
+    return torch.cat([part[:count] for part, count in zip(gathered, counts, strict=True)])
 
 
 def launched_ranks() -> Ranks:

@@ -98,6 +98,7 @@ class Shard(NamedTuple):
     flips: torch.Tensor | bool  # which of them to mirror
     images: int  # this process's images (0: it runs one image at share 0)
     global_images: int  # the whole step's images, over all processes
+    counts: tuple[int, ...]  # every process's images, in rank order
 
 
 def _rng_key(kind: str, ranks: distributed.Ranks) -> str:
@@ -554,13 +555,13 @@ class TrainingRun:
         """
         start = (self.step % self.steps_per_epoch) * self.settings.batch_size
         positions = torch.arange(start, min(start + self.settings.batch_size, len(plan.order)))
-        global_images = len(positions)
+        counts = tuple(len(part) for part in self.ranks.parts(positions))
         positions = self.ranks.my_part(positions)
         images = len(positions)
         if images == 0:
             positions = torch.tensor([start])
         flips = plan.flips[positions] if self.settings.flip else False
-        return Shard(plan.order[positions], flips, images, global_images)
+        return Shard(plan.order[positions], flips, images, sum(counts), counts)
 
     def train_step(
         self, inputs: tuple[torch.Tensor, ...], share: float = 1.0
@@ -616,7 +617,8 @@ class TrainingRun:
                         )
                     shard = self._shard(plan)
                     share = shard.images / shard.global_images
-                    losses = self.train_step(self.batch(shard), share)
+                    with distributed.global_batch(self.ranks, shard.counts):
+                        losses = self.train_step(self.batch(shard), share)
                     self.step += 1
                     if losses is not None:
                         self.window.add(losses, shard.images, share)

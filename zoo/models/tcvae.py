@@ -5,7 +5,8 @@ correlation (TC) and dimension-wise KL; beta-TCVAE weighs only the TC by beta,
 so it buys disentanglement without starving the code of information as a
 large-beta VAE does. log q(z) is estimated on the minibatch with the paper's
 minibatch-weighted sampling, which needs the dataset size (taken from the data
-by the trainer).
+by the trainer); under DDP the minibatch is the global batch, gathered from every
+process (`zoo.distributed.gather_batch`), so N processes train as one does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from zoo.data import ImageData
+from zoo.distributed import gather_batch
 from zoo.model import GenerativeModel, ModelConfig, gaussian_log_density
 from zoo.models.cvae import CVAE
 from zoo.models.vae import VAE
@@ -42,13 +44,13 @@ class TotalCorrelationLoss(GenerativeModel):
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
     ) -> dict[str, torch.Tensor]:
         posterior, z, recon = self.encode_and_reconstruct(x, y)
-        batch = x.shape[0]
+        # q(z) is estimated over the whole global batch: under DDP every rank's posteriors
+        mean, logvar = gather_batch(posterior.mean), gather_batch(posterior.logvar)
+        batch = mean.shape[0]
         dataset_size = max(self.config.dataset_size, batch)
         log_norm = math.log(batch * dataset_size)
-        # log q(z_i | x_j) for every pair (i, j) and latent dimension d: B x B x D
-        pairwise = gaussian_log_density(
-            z[:, None, :], posterior.mean[None, :, :], posterior.logvar[None, :, :]
-        )
+        # log q(z_i | x_j) for this process's z_i, every x_j of the batch, every dimension d
+        pairwise = gaussian_log_density(z[:, None, :], mean[None, :, :], logvar[None, :, :])
         log_qz = torch.logsumexp(pairwise.sum(dim=2), dim=1) - log_norm
         log_qz_product = (torch.logsumexp(pairwise, dim=1) - log_norm).sum(dim=1)
         log_qz_given_x = posterior.log_prob(z)
