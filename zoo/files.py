@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from zoo.errors import ZooError
 
@@ -97,6 +98,25 @@ def append_text(path: Path, text: str) -> None:
             handle.write(text)
     except OSError as error:
         raise WriteFailed(Path(path), error) from None
+
+
+def hold_lock(path: Path) -> BinaryIO | None:
+    """Take an exclusive lock on ``path`` (created if missing) without waiting: the open file
+    that holds it (closing it, or the process ending however it ends, releases it), or None
+    while another process holds it. Without fcntl (Windows) the file is returned unlocked."""
+    try:
+        handle = open(path, "a+b")  # noqa: SIM115 (the caller keeps it open to hold the lock)
+    except OSError as error:
+        raise WriteFailed(path, error) from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        except OSError:  # a file system without locks: nothing to coordinate with
+            pass
+    return handle
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import torch
 from rich.progress import (
@@ -51,7 +51,7 @@ from zoo.curves import write_run_curves
 from zoo.data import ImageData
 from zoo.device import PrecisionChoice, autocast, choose_precision, keep_freed_memory
 from zoo.errors import ZooError, error_reason
-from zoo.files import WriteFailed, append_text, atomic_write_bytes, remove_temporaries
+from zoo.files import WriteFailed, append_text, atomic_write_bytes, hold_lock, remove_temporaries
 from zoo.metrics_log import METRICS_FILE, read_log
 from zoo.names import printable
 
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.safetensors"
 SETTINGS_FILE = "config.json"
+RUN_LOCK = ".zoo-run.lock"  # held by the process that trains the run
 FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel
 
 T = TypeVar("T")
@@ -331,13 +332,19 @@ class TrainingRun:
             self.run_dir = self._new_run_dir()
         else:
             self.run_dir = Path(resume)
-        with self._writes_that_keep_the_last_save():
-            if resume is not None:
-                self._restore()
-            self.started()
-            if self.is_main:
-                record = json.dumps(self.settings_record(), indent=2)
-                atomic_write_bytes(self.run_dir / SETTINGS_FILE, record.encode())
+        self._folder_lock: BinaryIO | None = None
+        try:
+            with self._writes_that_keep_the_last_save():
+                self._take_run_folder()
+                if resume is not None:
+                    self._restore()
+                self.started()
+                if self.is_main:
+                    record = json.dumps(self.settings_record(), indent=2)
+                    atomic_write_bytes(self.run_dir / SETTINGS_FILE, record.encode())
+        except BaseException:
+            self._release_run_folder()
+            raise
 
     # -- what a subclass says ---------------------------------------------------------------------
 
@@ -487,6 +494,23 @@ class TrainingRun:
                 "damaged"
             ) from None
 
+    def _take_run_folder(self) -> None:
+        """Rank 0 holds the run folder's lock while it trains, so a second process (a resume
+        started while the run still goes on) is refused instead of writing beside it."""
+        if not self.is_main or not self.run_dir.is_dir():
+            return
+        self._folder_lock = hold_lock(self.run_dir / RUN_LOCK)
+        if self._folder_lock is None:
+            raise ZooError(
+                f"{self.run_dir} is being trained by another process right now (it holds "
+                f"{RUN_LOCK}); wait for it to end, or stop it, then resume"
+            )
+
+    def _release_run_folder(self) -> None:
+        if self._folder_lock is not None:
+            self._folder_lock.close()
+            self._folder_lock = None
+
     def wall_time_s(self) -> float:
         return self.wall_time + self.window.elapsed()
 
@@ -603,6 +627,8 @@ class TrainingRun:
         """
         settings = self.settings
         forced = False
+        if self._folder_lock is None:  # run() again, after the last run() let go of the folder
+            self._take_run_folder()
         plan = epoch_plan(len(self.data), settings.seed, self.step // self.steps_per_epoch)
         self.model.train()
         self.stop_agreed = False
@@ -646,6 +672,7 @@ class TrainingRun:
             finally:
                 self.ranks.leave()
                 self.closed()
+                self._release_run_folder()
         interrupted = forced or self.step < self.total_steps
         step = self.last_saved_step if forced else self.step
         return RunResult(self.run_dir, step, self.total_steps, interrupted, self.summary())
