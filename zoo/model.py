@@ -113,6 +113,11 @@ class Posterior:
         return torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A reparameterised draw. Without a generator it is ``randn_like`` (the same numbers
+        as ``randn`` of the shape), which torch.compile can trace at a batch size it has not
+        seen (the last, smaller batch of an epoch); ``randn`` of a symbolic shape cannot."""
+        if generator is None:
+            return self.mean + self.std * torch.randn_like(self.mean)
         noise = torch.randn(
             self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
         )

@@ -153,14 +153,15 @@ class Trainer(TrainingRun):
 
     def losses(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         x, y = inputs
-        return self.trainable(x, y, kl_weight=self._kl_weight())
+        return self.trainable(x, y, kl_weight=self._kl_weight(self.step + 1))
 
-    def _kl_weight(self) -> float:
+    def _kl_weight(self, step: int) -> float:
+        """The KL weight of (1-based) training step ``step``: step / warm-up, up to 1."""
         warmup = self.settings.kl_warmup_steps
-        return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
+        return min(1.0, step / warmup) if warmup else 1.0
 
     def record_fields(self) -> dict[str, Any]:
-        return {"kl_weight": self._kl_weight()}
+        return {"kl_weight": self._kl_weight(self.step)}  # of the record's last step
 
     def after_log(self, epoch_end: bool, finished: bool) -> None:
         every = self.settings.sample_every

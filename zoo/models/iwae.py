@@ -37,7 +37,8 @@ class ImportanceWeightedLoss(GenerativeModel):
         samples = max(1, self.config.num_samples)
         posterior = self.encode(x, y)
         batch = x.shape[0]
-        noise = torch.randn(samples, *posterior.mean.shape, device=x.device)
+        # randn_like, not randn of the shape: torch.compile traces it at any batch size
+        noise = torch.randn_like(posterior.mean.expand(samples, *posterior.mean.shape))
         z = posterior.mean + posterior.std * noise  # K x B x D
         y_repeated = y.repeat(samples, 1) if y is not None else None
         logits = self.decode_logits(z.flatten(0, 1), y_repeated)
