@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,8 @@ from torchvision.io import encode_jpeg
 from zoo.data.cache import quiet_image_io
 from zoo.device import StepTimes, store_measurement
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +110,48 @@ def synthetic_faces(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     folder = tmp_path_factory.mktemp("faces") / "synth"
     return str(write_synthetic(folder, 96, 16, 0, progress=False))
+
+
+DETERMINISTIC_MODEL = """
+    import torch
+
+    from zoo.models.tcvae import BetaTCVAE
+    from zoo.models.vae import VAE
+
+
+    class DeterministicAE(VAE):
+        '''Trains on the posterior mean: no sampling noise, so DDP must equal one process.'''
+
+        def loss(self, x, y=None, *, kl_weight=1.0):
+            posterior = self.encode(x, y)
+            recon = self.reconstruction_nll(self.decode_logits(posterior.mean, y), x).mean()
+            kl = posterior.kl().mean()
+            return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl}
+
+
+    class DeterministicTCVAE(BetaTCVAE):
+        '''beta-TCVAE whose noise is a function of each image alone: DDP must equal one process.'''
+
+        def encode_and_reconstruct(self, x, y=None):
+            posterior = self.encode(x, y)
+            noise = torch.sin(1000 * x.flatten(1)[:, : self.latent_dim].float())
+            z = posterior.mean + posterior.std * noise
+            return posterior, z, self.reconstruction_nll(self.decode_logits(z, y), x).mean()
+"""
+
+
+@pytest.fixture(scope="session")
+def deterministic_models(tmp_path_factory) -> dict[str, str]:
+    """The environment of a subprocess that has noise-free test models (det-ae, det-tcvae)
+    registered through a hand-written dist-info entry point: DDP runs of them must equal one
+    process."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "det_ae.py").write_text(textwrap.dedent(DETERMINISTIC_MODEL))
+    info = site / "det_ae_plugin-0.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: det-ae-plugin\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text(
+        "[zoo.models]\ndet-ae = det_ae:DeterministicAE\ndet-tcvae = det_ae:DeterministicTCVAE\n"
+    )
+    path = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "ZOO_CACHE_DIR": str(site / "cache")}

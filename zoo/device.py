@@ -240,6 +240,18 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     return choose_precision(device, precision).precision
 
 
+def exact_fp32() -> None:
+    """Make fp32 on CUDA mean IEEE fp32: no TF32 in cuDNN convolutions or cuBLAS matmuls.
+
+    zoo keeps PyTorch's default, under which cuDNN convolutions (but not matmuls) run in TF32
+    on Ampere and later GPUs: a 10-bit mantissa inside fp32 storage, several times faster,
+    with results about 1e-3 apart from the CPU's. ``--deterministic`` calls this, so such a
+    run repeats bit for bit and agrees with the CPU to about 1e-5. A no-op without CUDA.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast for a resolved precision of ``bf16``; a no-op for ``fp32``."""
     if resolve_precision(device, precision) == "fp32":

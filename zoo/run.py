@@ -49,7 +49,13 @@ from zoo.checkpoint import load_train_state, save_train_state
 from zoo.config import with_overrides
 from zoo.curves import write_run_curves
 from zoo.data import ImageData
-from zoo.device import PrecisionChoice, autocast, choose_precision, keep_freed_memory
+from zoo.device import (
+    PrecisionChoice,
+    autocast,
+    choose_precision,
+    exact_fp32,
+    keep_freed_memory,
+)
 from zoo.errors import ZooError, error_reason
 from zoo.files import WriteFailed, append_text, atomic_write_bytes, hold_lock, remove_temporaries
 from zoo.metrics_log import METRICS_FILE, read_log
@@ -308,6 +314,7 @@ class TrainingRun:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False  # autotuning picks kernels by timing
+            exact_fp32()  # TF32 rounds differently from the CPU (and from a run without it)
         self.data = self._load_data()
         torch.manual_seed(settings.seed)
         self.model, self.optimizer = self.build()
