@@ -22,6 +22,7 @@ leaderboard of many models extracts real features once.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -369,6 +370,11 @@ def extractor_for(context: BenchContext, choice: str | None = None) -> Extractor
     """The extractor ``--fid-features`` (or `choice`) asks for, built once per benchmark run."""
     choice = choice or context.settings.fid_features
     if choice == "inception":
+        if importlib.util.find_spec("torch_fidelity") is None:
+            raise ZooError(
+                "the standard FID needs torch-fidelity's InceptionV3; install the inception "
+                "extra: pip install 'zoo[inception]', or use --fid-features classifier"
+            )
         weights = inception_weights_path(context.settings.fid_weights).resolve()
         stat = weights.stat()
         key = f"fid:inception:{weights}:{stat.st_size}:{stat.st_mtime_ns}"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import hashlib
+import importlib.util
 import pickle
 import pickletools
 import re
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -468,3 +470,14 @@ def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, accept,
     accept(truncated)
     with pytest.raises(ZooError, match="not a readable PyTorch weights file"):
         fid.inception_fid(truncated)
+
+
+def test_without_torch_fidelity_the_standard_fid_names_the_extra(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "torch_fidelity" else real_find_spec(name, *args),
+    )
+    with pytest.raises(ZooError, match=r"pip install 'zoo\[inception\]', or use --fid-features"):
+        fid.extractor_for(SimpleNamespace(settings=SimpleNamespace(fid_weights=None)), "inception")
