@@ -625,8 +625,9 @@ def measure_ddp(data: str | None, steps: int) -> dict[str, Any]:
                 str(processes),
             ]
             if data:
-                command += ["--data", data]
-            subprocess.run(command, check=True, capture_output=True, text=True)
+                command += ["--data", str(Path(data).resolve()) if Path(data).exists() else data]
+            # run from the empty run folder: `python -m` puts the working directory on sys.path
+            subprocess.run(command, check=True, capture_output=True, text=True, cwd=out)
             [checkpoint] = Path(out).glob("*/model.safetensors")
             training = zoo.read_info(checkpoint).training
             result[f"{processes}_process_img_per_s"] = training["images_per_s"]
