@@ -12,7 +12,7 @@ from benchmarks.runner import BenchReport, ModelResult
 from zoo.card import card_path, record_bench_result
 from zoo.errors import ZooError
 from zoo.files import atomic_write_text
-from zoo.names import markdown_code, markdown_text
+from zoo.names import is_plain_name, markdown_code, markdown_text
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,16 @@ def write_report(report: BenchReport, path: Path) -> tuple[Path, Path]:
     """Write ``path`` (JSON), the Markdown table beside it (same name, ``.md``) and the
     metrics' pictures beside both (``<name>-<figure>-<run>.png``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for result in report.results:
-        result.figure_paths = [
-            str(
-                figure.save(
-                    path.with_name(f"{path.stem}-{name}-{result.checkpoint.parent.name}.png")
-                )
+        result.figure_paths = []
+        for name, figure in result.figures:
+            if not is_plain_name(name):  # a metric's figure name becomes part of a file name
+                log.warning("figure %r is not written: its name is not a plain name", name)
+                continue
+            run = result.checkpoint.parent.name
+            result.figure_paths.append(
+                str(figure.save(path.with_name(f"{path.stem}-{name}-{run}.png")))
             )
-            for name, figure in result.figures
-        ]
     atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")
     table = path.with_suffix(".md")
     atomic_write_text(table, markdown(report))

@@ -18,13 +18,16 @@ from benchmarks.edits import EditAccuracy
 from benchmarks.fid import hub_weights_path
 from benchmarks.metric import METRICS, BenchContext, BenchSettings
 from benchmarks.recon import Reconstruction
-from benchmarks.runner import latest_runs, run_bench
+from benchmarks.report import write_report
+from benchmarks.runner import BenchReport, ModelResult, latest_runs, run_bench
 from benchmarks.throughput import Throughput
 from cli import app
 from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData, Preprocess
 from zoo.errors import ZooError
+from zoo.figures import Figure
 from zoo.model import GenerativeModel, ModelConfig, Posterior
+from zoo.samples import GridRow
 from zoo.train import Trainer, TrainSettings
 
 NAMES = ["Bald", "Eyeglasses", "Male"]  # three of the AttGAN edit attributes
@@ -556,3 +559,15 @@ def test_bench_without_runs_or_classifier_says_what_to_do(runs, tmp_path):
     command = f"zoo train-classifier --data {zoo.read_info(cvae).data['root']} --image-size 16"
     assert set(report["errors"]) == {"edit", "fid"}  # FD-attr needs the classifier too
     assert all(error.endswith(command) for error in report["errors"].values())
+
+
+def test_a_figure_whose_name_would_leave_the_report_folder_is_not_written(tmp_path, caplog):
+    picture = Figure("t", [GridRow("row", torch.zeros(1, 3, 8, 8))])
+    info = CheckpointInfo(path=tmp_path / "run" / "model.safetensors", model_name="cvae", config={})
+    result = ModelResult(info.path, info, figures=[("../../escape", picture), ("edits", picture)])
+    report = BenchReport(BenchSettings(), "cpu", [], [result])
+    write_report(report, tmp_path / "out" / "results.json")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "results-edits-run.png", "results.json", "results.md",
+    ]  # fmt: skip
+    assert not list(tmp_path.glob("escape*")) and "is not a plain name" in caplog.text

@@ -15,10 +15,11 @@ import unicodedata
 
 from zoo.errors import ZooError
 
-ATTRIBUTE_NAME = re.compile(r"[^\W][\w.+-]{0,99}")
-"""A plain attribute name: letters, digits and ``_ . + -``, starting with a letter, digit or
-underscore, at most 100 characters (CelebA's longest is 19). No ``/``, no leading dot."""
-ATTRIBUTE_RULE = "letters, digits and _ . + -, starting with a letter, digit or _"
+PLAIN_NAME = re.compile(r"[^\W][\w.+-]{0,99}")
+"""A name that can be part of a file name: letters, digits and ``_ . + -``, starting with a
+letter, digit or underscore, at most 100 characters (CelebA's longest attribute has 19). No
+``/``, no leading dot."""
+PLAIN_RULE = "letters, digits and _ . + -, starting with a letter, digit or _"
 
 # PEP 508 distribution names and the versions pip writes into METADATA (PEP 440, normalised)
 DISTRIBUTION_NAME = re.compile(r"[A-Z0-9]([A-Z0-9._-]*[A-Z0-9])?", re.IGNORECASE)
@@ -33,14 +34,18 @@ BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u206
 HIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})  # controls, lone surrogates, line breaks
 
 
+def is_plain_name(name: object) -> bool:
+    return isinstance(name, str) and bool(PLAIN_NAME.fullmatch(name))
+
+
 def check_attribute_names(names: list[str], where: str, advice: str) -> list[str]:
-    """``names`` if every one is a plain name (`ATTRIBUTE_NAME`), else a one-line ZooError
+    """``names`` if every one is a plain name (`PLAIN_NAME`), else a one-line ZooError
     naming ``where`` they were read ("FILE line 2"), the first bad one and ``advice``."""
     for name in names:
-        if not isinstance(name, str) or not ATTRIBUTE_NAME.fullmatch(name):
+        if not is_plain_name(name):
             raise ZooError(
                 f"{where}: attribute name {printable(str(name))!r} is not a plain name "
-                f"({ATTRIBUTE_RULE}); {advice}"
+                f"({PLAIN_RULE}); {advice}"
             )
     return names
 
