@@ -88,7 +88,8 @@ def context(model, path, data, **settings) -> BenchContext:
 
 
 def use_stand_in(monkeypatch, classifier, identity="classifier:stand-in:0001"):
-    monkeypatch.setattr(fid, "_classifier", lambda context: (classifier, identity))
+    info = SimpleNamespace(image_size=8)
+    monkeypatch.setattr(fid, "_classifier", lambda context: (classifier, info, identity))
 
 
 # -- the distance ----------------------------------------------------------------------------------
