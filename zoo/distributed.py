@@ -59,9 +59,9 @@ class Ranks:
         if not self.solo:
             join(self, device)
 
-    def leave(self) -> None:
+    def leave(self, *, settled: bool = False) -> None:
         if not self.solo:
-            leave()
+            leave(settled=settled)
 
     def barrier(self) -> None:
         if not self.solo:
@@ -149,8 +149,16 @@ def join(ranks: Ranks, device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def leave() -> None:
+def leave(*, settled: bool = False) -> None:
+    """Leave the process group. ``settled``: every rank got here the same way (the run ended
+    or all agreed to stop), so a barrier ends their last collectives first, and a short pause
+    without the GIL lets gloo's threads release that work: torch before 2.8 tears a gloo group
+    down holding the GIL and deadlocks if one of them still needs it (pytorch/pytorch#154976).
+    After an error on some ranks there is no barrier (the others would wait for it)."""
     if dist.is_available() and dist.is_initialized():
+        if settled:
+            dist.barrier()
+            time.sleep(0.05)
         dist.destroy_process_group()
 
 

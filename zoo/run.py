@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -639,6 +640,7 @@ class TrainingRun:
         plan = epoch_plan(len(self.data), settings.seed, self.step // self.steps_per_epoch)
         self.model.train()
         self.stop_agreed = False
+        settled = False  # every rank left the loop the same way (not by an error on one)
         with training_progress(self.show_progress) as progress, self.ctrl_c:
             total, done = self.total_steps, self.step
             task = progress.add_task(self.name, total=total, completed=done, stats="")
@@ -670,6 +672,7 @@ class TrainingRun:
                     self.window.start += time.perf_counter() - paused
                 if self._stopping() and self.last_saved_step != self.step:
                     self.save()
+                settled = True
             except KeyboardInterrupt:
                 forced = True
                 log.warning(
@@ -677,7 +680,10 @@ class TrainingRun:
                     self.last_saved_step,
                 )
             finally:
-                self.ranks.leave()
+                if not self.ranks.solo:  # the DDP wrapper goes first, while the group is there
+                    self.trainable = self.model
+                    gc.collect()
+                self.ranks.leave(settled=settled)
                 self.closed()
                 self._release_run_folder()
         interrupted = forced or self.step < self.total_steps
