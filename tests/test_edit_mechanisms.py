@@ -4,12 +4,21 @@ Attribute 0 of the task is a white square in the top-left corner, over smooth co
 backgrounds; attribute 1 is noise the images do not show. An exact ruler reads the square
 from the pixels, so "did the edit work" needs no trained classifier. Each test compares a
 model with the mechanism on to the same model with it off, so it fails if the mechanism is
-switched off or stops working.
+switched off or stops working; the last checks that a patch critic does no harm.
+
+Training is numerically chaotic: another CPU (its kernels round differently), thread count
+or precision is another run, as another seed is. So every threshold lies at least 0.15 from
+everything measured, and the comments give the range measured over 8 runs on an AMD EPYC
+Zen 4 (avx512f, avx512_bf16, no AMX), 2 threads: seeds 0-3 in fp32, 0-2 in bf16, and seed 0
+with AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2). Check another run with
+``ZOO_MECHANISM_SEED=3 ZOO_MECHANISM_PRECISION=bf16 pytest tests/test_edit_mechanisms.py``.
+A claim that held for some runs only is not asserted.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -28,6 +37,8 @@ TINY = {
     "latent_dim": 8,
     "num_attributes": 2,
 }
+SEED = int(os.environ.get("ZOO_MECHANISM_SEED", "0"))  # initial weights and batch order
+PRECISION = os.environ.get("ZOO_MECHANISM_PRECISION", "fp32")  # or bf16 (CPU autocast)
 
 
 def square_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,26 +85,32 @@ def ruler(images: torch.Tensor) -> torch.Tensor:
 
 
 def trained(name: str, steps: int = 300, task: str = "square", **config) -> zoo.GenerativeModel:
-    """The model trained on a task (`square_task` or `correlated_task`); tests asking for the
-    same one share it."""
-    return _trained(name, steps, task, tuple(sorted(config.items())))
+    """The model trained on a task (`TASKS`); tests asking for the same one share it."""
+    return _trained(name, steps, task, SEED, PRECISION, tuple(sorted(config.items())))
 
 
 @functools.cache
 def _trained(
-    name: str, steps: int, task: str, config: tuple[tuple[str, object], ...]
+    name: str,
+    steps: int,
+    task: str,
+    seed: int,
+    precision: str,
+    config: tuple[tuple[str, object], ...],
 ) -> zoo.GenerativeModel:
-    torch.manual_seed(0)
+    """`seed` sets the initial weights and the batch order; the data is the same for all."""
+    torch.manual_seed(seed)
     model = zoo.create_model(name, **TINY, **dict(config))
     x, y = TASKS[task](512, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed + 1)
     model.train()
     for _ in range(steps):
         index = torch.randint(0, len(x), (64,), generator=generator)
-        loss = model.loss(x[index], y[index])["loss"]
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            loss = model.loss(x[index], y[index])["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.float().backward()
         optimizer.step()
     return model.eval()
 
@@ -114,8 +131,8 @@ def test_the_ruler_reads_the_task_exactly():
 def test_the_latent_adversary_makes_the_decoder_draw_the_label():
     plain = trained("cvae")
     fader = trained("fader-cvae", adversary_weight=20.0, adversary_warmup=50)
-    assert edit_accuracy(plain) < 0.1  # z keeps the square and the decoder follows z
-    assert edit_accuracy(fader) > 0.9  # z is pushed to hide it, so the decoder reads y
+    assert edit_accuracy(plain) < 0.3  # 0.00: z keeps the square, the decoder follows z
+    assert edit_accuracy(fader) > 0.7  # 0.99-1.00: z hides it, so the decoder reads y
 
 
 def swapped_head_accuracy(model: zoo.GenerativeModel) -> float:
@@ -132,8 +149,8 @@ def test_the_attribute_loss_makes_swapped_decodes_obey_the_head():
     """Weight 1e-6 keeps the head (trained on real images) but takes away its pull."""
     off = trained("attr-cvae", attr_weight=1e-6, head_noise=0.0)
     on = trained("attr-cvae", attr_weight=100.0, head_noise=0.0)
-    assert swapped_head_accuracy(off) < 0.6
-    assert swapped_head_accuracy(on) > 0.9
+    assert swapped_head_accuracy(off) < 0.3  # 0.00
+    assert swapped_head_accuracy(on) > 0.7  # 0.97-1.00
 
 
 def test_head_noise_makes_the_attribute_loss_draw_what_another_ruler_reads():
@@ -142,18 +159,25 @@ def test_head_noise_makes_the_attribute_loss_draw_what_another_ruler_reads():
     (Noise of std 1 here: the faint square is a large change on these 16 px images.)"""
     plain_head = trained("attr-cvae", steps=600, attr_weight=100.0, head_noise=0.0)
     smoothed = trained("attr-cvae", steps=600, attr_weight=100.0, head_noise=1.0)
-    assert edit_accuracy(plain_head) < 0.7
-    assert edit_accuracy(smoothed) > 0.9
+    assert edit_accuracy(plain_head) < 0.7  # 0.53: squares are removed, never added
+    assert edit_accuracy(smoothed) > 0.8  # 0.98-1.00
 
 
-def test_the_edit_critic_turns_faint_squares_into_squares():
-    """The plain attribute loss settles for a faint square; reconstructions never have one."""
+def test_a_patch_critic_turns_faint_squares_into_squares():
+    """The plain attribute loss settles for a faint square; no reconstruction has one, and a
+    critic of 10 px patches (two stages, as `film-attr-critic-cvae` judges 22 px of 64) sees
+    it. It fails with the critic switched off (``realism_weight=0``: the first model)."""
     alone = trained("attr-cvae", steps=600, attr_weight=100.0, head_noise=0.0)
     critic = trained(
-        "attr-cvae", steps=600, attr_weight=100.0, head_noise=0.0, realism_weight=100.0
+        "attr-cvae",
+        steps=600,
+        attr_weight=100.0,
+        head_noise=0.0,
+        realism_weight=100.0,
+        critic_patch=2,
     )
-    assert edit_accuracy(alone) < 0.7
-    assert edit_accuracy(critic) > 0.9
+    assert edit_accuracy(alone) < 0.7  # 0.53: squares are removed, never added
+    assert edit_accuracy(critic) > 0.8  # 0.97-0.99 (a whole-image critic: 0.87-1.00)
 
 
 def test_film_conditions_every_decoder_stage():
@@ -206,8 +230,8 @@ def test_partial_steps_make_the_decoder_edit_within_part_of_the_label_change():
     config = {"steps": 600, "attr_weight": 100.0, "head_noise": 1.0}
     full = trained("attr-cvae", **config)
     partial = trained("attr-cvae", attr_step_min=0.5, **config)
-    assert part_step_accuracy(full) < 0.4  # measured 0.20
-    assert part_step_accuracy(partial) > 0.8  # measured 0.87
+    assert part_step_accuracy(full) < 0.45  # 0.10-0.21
+    assert part_step_accuracy(partial) > 0.65  # 0.85-0.98
 
 
 def test_a_lighter_loss_on_kept_labels_lets_an_edit_break_a_correlation():
@@ -228,27 +252,32 @@ def test_a_lighter_loss_on_kept_labels_lets_an_edit_break_a_correlation():
         )
         edited = ruler(edit_by_labels(model, x, y, flipped))
         accuracy[keep] = (edited == flipped[:, 0]).float().mean().item()
-    assert accuracy[1.0] < 0.7, accuracy  # measured 0.53
-    assert accuracy[0.1] > 0.9, accuracy  # measured 1.00
+    assert accuracy[1.0] < 0.7, accuracy  # 0.53-0.55
+    assert accuracy[0.1] > 0.8, accuracy  # 0.96-1.00
 
 
 def test_a_patch_critic_lets_an_edit_draw_a_combination_no_image_has():
     """Adding the corner square to a face without the first one makes an image no
-    reconstruction looks like: a whole-image critic fights that edit, a patch critic only
-    sees a square like any other."""
+    reconstruction looks like, but every 4 px patch of it looks like some reconstruction's.
+    A critic of such patches must not fight the edit; one that sees more of the image may:
+    a whole-image critic let 0.00 to 1.00 of these edits through, by the seed (0.00 in 4 of
+    the 8 runs), so that is not asserted. (With no critic at all: 1.00.)"""
     x, y = nested_task(512, seed=3)
     alone = y[:, 0] == 0
     x, y = x[alone][:256], y[alone][:256]
     flipped = y.clone()
     flipped[:, 1] = 1.0
-    config = {"steps": 600, "attr_weight": 100.0, "head_noise": 1.0, "task": "nested"}
-    accuracy = {}
-    for patch in (0, 1):
-        model = trained("attr-cvae", realism_weight=300.0, critic_patch=patch, **config)
-        corner = edit_by_labels(model, x, y, flipped)[:, :, CORNER[0], CORNER[1]]
-        accuracy[patch] = (corner.mean(dim=(1, 2, 3)) > 0.8).float().mean().item()
-    assert accuracy[0] < 0.7, accuracy  # measured 0.00
-    assert accuracy[1] > 0.9, accuracy  # measured 1.00 (and 1.00 with no critic at all)
+    model = trained(
+        "attr-cvae",
+        steps=600,
+        attr_weight=100.0,
+        head_noise=1.0,
+        realism_weight=300.0,
+        critic_patch=1,
+        task="nested",
+    )
+    corner = edit_by_labels(model, x, y, flipped)[:, :, CORNER[0], CORNER[1]]
+    assert (corner.mean(dim=(1, 2, 3)) > 0.8).float().mean().item() > 0.8  # 1.00
 
 
 @pytest.mark.parametrize(
