@@ -13,6 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_origin
 
+
+def _ctrl_c_in_one_line(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """A `sys.excepthook` for a Ctrl-C that reaches Python itself: pressed while zoo starts
+    (importing torch takes a second or two), before any command runs or writes, so one line
+    says it instead of an import traceback. Inside a command Typer and zoo handle it."""
+
+    def hook_with_ctrl_c(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.stderr.write("stopped by Ctrl-C while zoo was starting; nothing was written\n")
+        else:
+            hook(kind, error, trace)
+
+    return hook_with_ctrl_c
+
+
+sys.excepthook = _ctrl_c_in_one_line(sys.excepthook)
+
 import typer
 from rich.console import Console
 from rich.table import Table

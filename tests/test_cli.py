@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import shutil
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +147,22 @@ def test_installed_console_script_reports_errors_in_one_line():
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: unknown model 'nope'")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# README "What happens when ...": you press Ctrl-C while zoo starts
+def test_ctrl_c_while_zoo_imports_is_one_line_not_a_traceback(tmp_path):
+    """Importing torch takes seconds, so a Ctrl-C often lands in an import: here in Typer's."""
+    (tmp_path / "typer.py").write_text("raise KeyboardInterrupt\n")
+    path = os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])
+    done = subprocess.run(
+        [sys.executable, "-c", "import cli"],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stderr == "stopped by Ctrl-C while zoo was starting; nothing was written\n"
+    assert done.returncode == -signal.SIGINT  # Python ends by the signal: a shell shows 130
 
 
 # README "What happens when ...": a numeric option is out of range, NaN or infinite
