@@ -55,10 +55,13 @@ def tiny_run(faces: str, out: Path, **overrides) -> Path:
 def data_and_size(request, synthetic_faces) -> tuple[str, dict]:
     """The built-in synthetic faces (always, so CI checks this) and the real CelebA sample
     (where it is on disk): the folder and the training settings for it."""
-    if request.param == "celeba-sample":
-        return str(request.getfixturevalue("celeba_sample")), {}
-    tiny = {"latent_dim": 4, "base_channels": 4, "max_channels": 8}
-    return synthetic_faces, {"image_size": 16, "batch_size": 16, "model_config": tiny}
+    tiny = {
+        "batch_size": 16,
+        "model_config": {"latent_dim": 4, "base_channels": 4, "max_channels": 8},
+    }
+    if request.param == "celeba-sample":  # at its 64 px
+        return str(request.getfixturevalue("celeba_sample")), tiny
+    return synthetic_faces, {"image_size": 16, **tiny}
 
 
 def test_a_30_step_run_is_readable_and_its_card_takes_bench_results(

@@ -111,17 +111,6 @@ EDIT_MECHANISMS = ["-o", "film=true", "-o", "adversary_weight=1", "-o", "attr_we
                    "-o", "realism_weight=1"]  # fmt: skip
 
 
-def test_ddp_run_of_the_edit_mechanisms_resumes(environment, synthetic_faces, tmp_path):
-    """(The plain cvae's DDP resume is part of the Ctrl-C test below.)"""
-    run = train(environment, synthetic_faces, tmp_path / "runs", "edit-cvae", "--batch-size", "16",
-                "--max-steps", "4", "--nproc", "2", *EDIT_MECHANISMS)  # fmt: skip
-    done = zoo_command(environment, tmp_path, "train", "--resume", str(run), "--max-steps", "6",
-                       "--nproc", "2", "--no-progress")  # fmt: skip
-    assert "steps 4->6" in done.stdout
-    state = zoo.read_info(run / "model.safetensors").training
-    assert state["steps"] == 6 and state["processes"] == 2
-
-
 def test_each_rank_binds_its_gpu_before_the_process_group_starts(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
@@ -198,9 +187,11 @@ def test_ctrl_c_stops_both_trainers_ranks_after_a_save_and_a_working_dir_cannot_
 ):
     """The ranks save, rank 0 prints the resume command (with --nproc 2), the launcher exits
     130 and no rank is left running; a cli.py (or zoo/, torch/) in the working directory
-    never runs, and the printed command finishes the run."""
+    never runs, and the printed command finishes the run. The model has every edit
+    mechanism, whose networks and counters must resume under DDP too."""
     out, cwd = tmp_path / "runs", hostile_folder(tmp_path)
-    model = ["cvae", "--latent-dim", "4", "-o", "base_channels=4", "-o", "max_channels=8"]
+    model = ["edit-cvae", "--latent-dim", "4", "-o", "base_channels=4", "-o", "max_channels=8",
+             *EDIT_MECHANISMS]  # fmt: skip
     if trainer == "train-classifier":
         model = ["--backbone", "test_resnet"]
     command = [sys.executable, str(ROOT / "cli.py"), trainer, *model, "--data", synthetic_faces,
