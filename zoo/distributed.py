@@ -87,10 +87,6 @@ class Ranks:
         """Every rank's share of a global batch, split as evenly as it goes, in rank order."""
         return positions.tensor_split(self.world_size)
 
-    def my_part(self, positions: torch.Tensor) -> torch.Tensor:
-        """This rank's share of a global batch (`parts`)."""
-        return self.parts(positions)[self.rank]
-
 
 _batch_counts: contextvars.ContextVar[tuple[Ranks, tuple[int, ...]] | None] = (
     contextvars.ContextVar("zoo_global_batch", default=None)

@@ -105,8 +105,12 @@ class Shard(NamedTuple):
     index: torch.Tensor  # rows of the data
     flips: torch.Tensor | bool  # which of them to mirror
     images: int  # this process's images (0: it runs one image at share 0)
-    global_images: int  # the whole step's images, over all processes
     counts: tuple[int, ...]  # every process's images, in rank order
+
+    @property
+    def global_images(self) -> int:
+        """The whole step's images, over all processes."""
+        return sum(self.counts)
 
 
 def _rng_key(kind: str, ranks: distributed.Ranks) -> str:
@@ -587,13 +591,13 @@ class TrainingRun:
         """
         start = (self.step % self.steps_per_epoch) * self.settings.batch_size
         positions = torch.arange(start, min(start + self.settings.batch_size, len(plan.order)))
-        counts = tuple(len(part) for part in self.ranks.parts(positions))
-        positions = self.ranks.my_part(positions)
+        parts = self.ranks.parts(positions)
+        positions = parts[self.ranks.rank]
         images = len(positions)
         if images == 0:
             positions = torch.tensor([start])
         flips = plan.flips[positions] if self.settings.flip else False
-        return Shard(plan.order[positions], flips, images, sum(counts), counts)
+        return Shard(plan.order[positions], flips, images, tuple(map(len, parts)))
 
     def train_step(
         self, inputs: tuple[torch.Tensor, ...], share: float = 1.0
