@@ -100,14 +100,19 @@ def append_text(path: Path, text: str) -> None:
         raise WriteFailed(Path(path), error) from None
 
 
+def _lock_file(path: Path) -> BinaryIO:
+    """``path`` opened (created if missing) to hold a lock on; a refusal is a `WriteFailed`."""
+    try:
+        return open(path, "a+b")  # the caller closes it to release the lock
+    except OSError as error:
+        raise WriteFailed(Path(path), error) from None
+
+
 def hold_lock(path: Path) -> BinaryIO | None:
     """Take an exclusive lock on ``path`` (created if missing) without waiting: the open file
     that holds it (closing it, or the process ending however it ends, releases it), or None
     while another process holds it. Without fcntl (Windows) the file is returned unlocked."""
-    try:
-        handle = open(path, "a+b")  # noqa: SIM115 (the caller keeps it open to hold the lock)
-    except OSError as error:
-        raise WriteFailed(path, error) from None
+    handle = _lock_file(path)
     if fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -124,11 +129,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) while the block runs, so that
     processes updating one file take turns (read, change, write). The kernel drops the lock
     when its process dies, so a killed process blocks no one. Windows locks the first byte."""
-    path = Path(path)
-    try:
-        handle = open(path, "a+b")  # noqa: SIM115 (closed below, after the unlock)
-    except OSError as error:
-        raise WriteFailed(path, error) from None
+    handle = _lock_file(path)
     try:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)
