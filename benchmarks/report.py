@@ -99,11 +99,11 @@ def write_report(report: BenchReport, path: Path) -> tuple[Path, Path]:
     path = Path(path)
     for result in report.results:
         result.figure_paths = []
+        run = result.checkpoint.parent.name
         for name, figure in result.figures:
             if not is_plain_name(name):  # a metric's figure name becomes part of a file name
                 log.warning("figure %r is not written: its name is not a plain name", name)
                 continue
-            run = result.checkpoint.parent.name
             result.figure_paths.append(
                 str(figure.save(path.with_name(f"{path.stem}-{name}-{run}.png")))
             )
