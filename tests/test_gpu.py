@@ -121,6 +121,10 @@ def test_a_resumed_gpu_run_equals_the_uninterrupted_run(synthetic_faces, tmp_pat
 # Catches: ranks sharing GPU 0 (set_device missing before NCCL starts), NCCL collectives on CPU
 # tensors, a checkpoint written by two ranks, gradients not averaged as one process's.
 @pytest.mark.skipif(ON_CUDA and torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.skipif(
+    not ON_CUDA,
+    reason="on the CPU this is test_distributed.py's two-processes-match-one test (det-ae, gloo)",
+)
 def test_two_gpus_train_as_one_gpu_does(synthetic_faces, deterministic_models, tmp_path):
     def train_det_ae(out: Path, *extra: str) -> Path:
         done = subprocess.run(
