@@ -782,7 +782,10 @@ def bench(
         typer.Option(help="fid, recon, edit, throughput or a plugin metric (default: all)."),
     ] = None,
     data: DataOption = None,
-    split: Annotated[str, typer.Option(help="Split to measure on.")] = "valid",
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split to measure on (default: test if the data has one, else valid)."),
+    ] = None,
     n: Annotated[
         int | None, typer.Option("--n", help="Images of the split (default: all)."), COUNT
     ] = None,
@@ -795,14 +798,20 @@ def bench(
         str | None, typer.Option(help="Path of weights-inception-2015-12-05-6726825d.pth.")
     ] = None,
     classifier: Annotated[
-        str | None, typer.Option(help="Attribute classifier file (default: found by data).")
+        list[str] | None,
+        typer.Option(
+            help="Attribute classifier file, repeatable: the ruler panel (default: all found)."
+        ),
     ] = None,
     edit_strength: StrengthOption = 1.0,
     edit_intensity: Annotated[
-        float,
-        typer.Option(help="Scale of every edit: label change or concept shift (1)."),
+        float | None,
+        typer.Option(
+            help="Scale of every edit: label change or concept shift (default: the zoo "
+            "tune-edits intensities beside the checkpoint, else 1)."
+        ),
         Bounds(),
-    ] = 1.0,
+    ] = None,
     throughput_batch_size: Annotated[
         int, typer.Option(help="Batch size for throughput."), BATCH_SIZES
     ] = 64,
@@ -832,7 +841,7 @@ def bench(
         data=data,
         fid_features=fid_features,
         fid_weights=fid_weights,
-        classifier=classifier,
+        classifiers=classifier or [],
         runs_dir=str(runs),
         edit_strength=edit_strength,
         edit_intensity=edit_intensity,
@@ -843,7 +852,7 @@ def bench(
     metrics = select_metrics(metric)
     report = run_bench(checkpoints or latest_runs(runs), metrics, settings)
     header, rows = leaderboard(report)
-    table = plain_table(f"zoo bench on {split} (device {report.device})")
+    table = plain_table(f"zoo bench on {report.splits} (device {report.device})")
     for column in header:
         table.add_column(column)
     for row in rows:
@@ -871,6 +880,81 @@ def bench(
         console.print(f"updated {card}", soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
+
+
+@app.command("tune-edits")
+@user_errors
+def tune_edits(
+    checkpoint: CheckpointArg,
+    classifier: Annotated[
+        list[str],
+        typer.Option(
+            help="Ruler that chooses the intensities (repeatable); it can then never score them."
+        ),
+    ],
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to tune on (never the one you report).")] = (
+        "valid"
+    ),
+    n: Annotated[
+        int | None, typer.Option("--n", help="Images of the split (default: all)."), COUNT
+    ] = None,
+    intensities: Annotated[
+        str, typer.Option(help="Comma-separated intensities to try.")
+    ] = "1,1.25,1.5,2,2.5,3",
+    min_preservation: Annotated[
+        float,
+        typer.Option(help="Least mean preservation an attribute's intensity may cost."),
+        Bounds(0, 1),
+    ] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Batch size for evaluation."), BATCH_SIZES] = 64,
+    device: DeviceOption = "auto",
+    progress: ProgressOption = True,
+) -> None:
+    """Choose each attribute's edit intensity on a validation split with a panel of rulers,
+    and store it beside the checkpoint for zoo bench."""
+    from benchmarks.edits import save_tuned_intensities, tune_intensities
+    from benchmarks.metric import BenchContext, BenchSettings
+    from benchmarks.runner import benchmark_split
+    from zoo.device import pick_device
+
+    try:
+        grid = [float(value) for value in intensities.split(",")]
+    except ValueError:
+        raise ZooError(
+            f"--intensities {intensities!r} is not a comma-separated list of numbers"
+        ) from None
+    settings = BenchSettings(
+        split=split,
+        n=n,
+        batch_size=batch_size,
+        device=device,
+        data=data,
+        classifiers=classifier,
+        progress=progress,
+    )
+    model = _load(checkpoint, device)
+    info = model.checkpoint_info
+    context = BenchContext(
+        model, checkpoint, info, benchmark_split({}, info, settings), settings, pick_device(device)
+    )
+    record = tune_intensities(context, grid, min_preservation)
+    table = plain_table(
+        f"edit intensities for {checkpoint} on {split} ({len(classifier)} ruler(s) agreeing)"
+    )
+    for column in ("attribute", "intensity", "edit acc at 1", "edit acc", "preserve"):
+        table.add_column(column)
+    for name, chosen in record["chosen"].items():
+        at_one = [row for row in record["table"][name] if row["intensity"] == 1.0]
+        table.add_row(
+            name,
+            f"{chosen['intensity']:g}",
+            f"{at_one[0]['accuracy']:.3f}" if at_one else "-",
+            f"{chosen['accuracy']:.3f}",
+            f"{chosen['preservation']:.3f}",
+        )
+    console.print(table)
+    console.print(f"wrote {save_tuned_intensities(checkpoint, record)}", soft_wrap=True)
 
 
 @app.command("train-classifier")

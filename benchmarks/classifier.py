@@ -20,6 +20,7 @@ The training recipe and the measurements behind it are in `benchmarks.classifier
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -51,10 +52,12 @@ __all__ = [
     "AttributeClassifier",
     "ClassifierInfo",
     "evaluate_classifier",
-    "find_classifier",
+    "find_classifiers",
     "load_classifier",
     "read_classifier_info",
+    "ruler_record",
     "save_classifier",
+    "weights_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,6 +254,7 @@ class ClassifierInfo:
     evaluation: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     small_stem: bool = False
+    weights_sha256: str = ""  # of the tensors, set by `load_classifier`: a copy has the same one
 
 
 def save_classifier(path: str | Path, classifier: AttributeClassifier, **metadata: Any) -> None:
@@ -340,14 +344,16 @@ def load_classifier(
         small_stem=info.small_stem,
     )
     load_matching_weights(classifier, info.path, f"a {info.backbone} classifier", f", {TRAIN_HINT}")
+    info.weights_sha256 = weights_digest(classifier)
     return classifier.to(pick_device(str(device))).eval(), info
 
 
-def find_classifier(
+def find_classifiers(
     fingerprint: str, image_size: int, runs_dir: str | Path = "runs"
-) -> Path | None:
-    """The newest ``runs_dir/*/classifier.safetensors`` trained on data with this fingerprint at
-    this image size; reads headers only and skips files that are not readable classifiers."""
+) -> list[Path]:
+    """Every ``runs_dir/*/classifier.safetensors`` trained on data with this fingerprint at
+    this image size, newest first; reads headers only and skips files that are not readable
+    classifiers."""
     matches = []
     for path in Path(runs_dir).glob(f"*/{CLASSIFIER_FILE}"):
         try:
@@ -358,7 +364,38 @@ def find_classifier(
             continue
         if info.data.get("fingerprint") == fingerprint and info.image_size == image_size:
             matches.append((mtime, str(path), path))
-    return max(matches)[2] if matches else None
+    return [path for _, _, path in sorted(matches, reverse=True)]
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's tensors (names and bytes): the identity of a ruler, which a renamed
+    copy of its file or an edited header keeps."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def ruler_record(info: ClassifierInfo) -> dict[str, Any]:
+    """What a ruler is, as reports record it: its file, weights, architecture, the recipe it
+    was trained with (seed, class weighting, augmentation) and its own accuracy."""
+    settings = info.training.get("settings", {})
+    return {
+        "path": str(info.path),
+        "weights_sha256": info.weights_sha256,
+        "backbone": info.backbone,
+        "image_size": info.image_size,
+        "seed": settings.get("seed"),
+        "balanced": settings.get("balanced"),
+        "flip": settings.get("flip"),
+        "shift": settings.get("shift"),
+        "trained_on": {key: info.data.get(key) for key in ("name", "fingerprint", "split", "n")},
+        "evaluation": {
+            key: info.evaluation.get(key)
+            for key in ("split", "n", "mean_accuracy", "mean_balanced_accuracy")
+        },
+    }
 
 
 # -- evaluation ----------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from benchmarks.classifier import weights_digest
 from benchmarks.metric import BenchContext, Metric, register_metric
 from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save, read_tensors_file
 from zoo.data import cache_dir
@@ -332,17 +333,8 @@ def _classifier(context: BenchContext) -> tuple[Any, Any, str]:
     if path is not None and Path(path).is_file():
         digest = file_sha256(Path(path))[:16]
     else:  # identify by the weights themselves
-        digest = _state_digest(classifier)
+        digest = weights_digest(classifier)[:16]
     return classifier, info, f"classifier:{backbone or type(classifier).__name__}:{digest}"
-
-
-def _state_digest(module: Any) -> str:
-    digest = hashlib.sha256()
-    state = module.state_dict() if isinstance(module, nn.Module) else {}
-    for name, tensor in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
 
 
 # -- the protocol ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class BenchSettings:
     """Everything that defines a benchmark run; recorded with every number."""
 
-    split: str = "valid"
+    split: str | None = None  # None: the data's test split if it has one, else valid
     n: int | None = None  # images of the split to use (None: all)
     seed: int = 0
     batch_size: int = 64
@@ -42,10 +42,10 @@ class BenchSettings:
     data: str | None = None  # override the checkpoints' own data
     fid_features: str = "inception"  # "inception" or "classifier"
     fid_weights: str | None = None
-    classifier: str | None = None  # path of an attribute classifier; default: found by fingerprint
+    classifiers: list[str] = field(default_factory=list)  # the ruler panel; default: found
     runs_dir: str = "runs"
     edit_strength: float = 1.0  # concept-vector multiplier (unconditional models)
-    edit_intensity: float = 1.0  # scale of every edit: the label change, or the concept shift
+    edit_intensity: float | None = None  # scale of every edit; None: tuned, else 1
     throughput_batch_size: int = 64
     precision: str = "auto"  # of the throughput measurements; quality metrics run in fp32
     throughput_repeats: int = 5
@@ -95,30 +95,39 @@ class BenchContext:
             y = labels[index].to(self.device) if labels is not None else None
             yield index, images, y
 
-    def classifier(self) -> tuple[Any, Any]:
-        """(AttributeClassifier, ClassifierInfo) for this model's training data, loaded once.
+    def rulers(self) -> list[tuple[Any, Any]]:
+        """The panel of (AttributeClassifier, ClassifierInfo) that scores this model, loaded once.
 
-        ``--classifier PATH`` wins; otherwise the newest classifier under the runs folder
-        trained on data with the same fingerprint and image size.
+        ``--classifier PATH`` (repeatable) wins; otherwise every classifier under the runs
+        folder trained on data with the same fingerprint and image size, newest first.
         """
-        from benchmarks.classifier import find_classifier, load_classifier
+        from benchmarks.classifier import find_classifiers, load_classifier
 
         size = int(self.info.preprocess.get("image_size", 0))
-        path = self.settings.classifier or find_classifier(
+        paths = self.settings.classifiers or find_classifiers(
             self.info.data.get("fingerprint", ""), size, self.settings.runs_dir
         )
-        if path is None:
+        if not paths:
             root = self.info.data.get("root", "DIR")
             raise ZooError(
                 f"no attribute classifier for {root} at {size} px under {self.settings.runs_dir}/; "
                 f"train one with: zoo train-classifier --data {root} --image-size {size}"
             )
-        classifier, info = self.shared(
-            f"classifier:{path}", lambda: load_classifier(path, self.device)
-        )
-        if info.image_size != size:  # said once per classifier and size in a benchmark run
-            self.shared(f"classifier-size:{path}:{size}", lambda: self._resized_note(info, size))
-        return classifier, info
+        panel = []
+        for path in paths:
+            classifier, info = self.shared(
+                f"classifier:{path}", lambda path=path: load_classifier(path, self.device)
+            )
+            if info.image_size != size:  # said once per classifier and size in a benchmark run
+                note = f"classifier-size:{path}:{size}"
+                self.shared(note, lambda info=info: self._resized_note(info, size))
+            panel.append((classifier, info))
+        return panel
+
+    def classifier(self) -> tuple[Any, Any]:
+        """The panel's first ruler (the first ``--classifier``, else the newest found): the one
+        whose features give FD-attr."""
+        return self.rulers()[0]
 
     def _resized_note(self, info: Any, size: int) -> None:
         root = self.info.data.get("root", "DIR")

@@ -40,7 +40,7 @@ def markdown(report: BenchReport) -> str:
     lines = [
         "# zoo bench",
         "",
-        f"{markdown_text(report.created)}: split {markdown_code(settings.split)}, "
+        f"{markdown_text(report.created)}: split {markdown_code(report.splits)}, "
         f"n = {settings.n or 'all'}, seed {settings.seed}, device {markdown_code(report.device)}, "
         f"FID features {markdown_code(settings.fid_features)}.",
         "",
@@ -120,14 +120,16 @@ def update_model_cards(report: BenchReport) -> list[Path]:
     settings = {
         k: v
         for k, v in dataclasses.asdict(report.settings).items()
-        if k not in ("progress", "runs_dir")
+        if k not in ("progress", "runs_dir", "classifiers")
     }
+    settings["classifiers"] = ",".join(report.settings.classifiers) or None
     written = []
     for result in report.results:
         try:
             for name, (values, headline) in result.card.items():
                 used = result.data_used.get(name, {})
                 keyed = {**settings, "device": report.device, "data": used.get("fingerprint")}
+                keyed["split"] = used.get("split", settings["split"])
                 record_bench_result(result.checkpoint, name, keyed, values, headline, used)
             if result.card:
                 written.append(card_path(result.checkpoint))

@@ -17,7 +17,7 @@ import torch
 import zoo
 from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
 from zoo.checkpoint import CheckpointInfo, read_info
-from zoo.data import ImageData, checkpoint_data
+from zoo.data import ImageData, checkpoint_data, checkpoint_source, held_out_split
 from zoo.device import keep_freed_memory, pick_device
 from zoo.errors import ZooError, failure_text
 from zoo.figures import Figure
@@ -87,6 +87,12 @@ class BenchReport:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
+    def splits(self) -> str:
+        """The splits the metrics measured (``--split``, or the held-out default per data)."""
+        used = {data["split"] for r in self.results for data in r.data_used.values()}
+        return ", ".join(sorted(used)) or str(self.settings.split or "none")
+
+    @property
     def failed(self) -> bool:
         return any(result.errors for result in self.results)
 
@@ -129,7 +135,7 @@ def run_bench(
         results.append(result)
         result.errors.update(unusable)
         try:
-            data = _split(tools, result.info, settings)
+            data = benchmark_split(tools, result.info, settings)
         except ZooError as error:
             result.errors = dict.fromkeys(metric_names, str(error))
             continue
@@ -188,9 +194,25 @@ def data_difference(info: CheckpointInfo, data: ImageData, override: str | None)
     return f"{trained}, measured on {measured}: {reason}"
 
 
-def _split(tools: dict[str, Any], info: CheckpointInfo, settings: BenchSettings) -> ImageData:
-    """The benchmark split for a checkpoint, loaded once per (data, split, size)."""
-    key = f"split:{settings.data or info.data.get('root')}:{settings.split}:{info.preprocess}"
+def benchmark_split(
+    tools: dict[str, Any], info: CheckpointInfo, settings: BenchSettings
+) -> ImageData:
+    """The benchmark split for a checkpoint, loaded once per (data, split, size): ``--split``,
+    else the data's test split when it has one, else its valid split (said once)."""
+    split = settings.split
+    if split is None:
+        source = checkpoint_source(info, settings.data, progress=settings.progress)
+        size = int(info.preprocess.get("image_size", 0))
+        split = held_out_split(source, size, progress=settings.progress)
+        if split != "test":
+            key = f"no-test-note:{source.root}"
+            if key not in tools:
+                tools[key] = log.warning(
+                    "%s has no test split: measuring on its valid split; keep images you never "
+                    "tune on in a test split (partition 2) to benchmark on held-out faces",
+                    source.root,
+                )
+    key = f"split:{settings.data or info.data.get('root')}:{split}:{info.preprocess}"
     if key not in tools:
-        tools[key] = checkpoint_data(info, settings.split, settings.data)
+        tools[key] = checkpoint_data(info, split, settings.data)
     return tools[key]

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import zoo
+from benchmarks.classifier import ClassifierInfo
 from benchmarks.classifier_training import ClassifierSettings, train_classifier
-from benchmarks.edits import EditAccuracy
+from benchmarks.edits import INTENSITY_FILE, INTENSITY_FORMAT, EditAccuracy
 from benchmarks.fid import hub_weights_path
 from benchmarks.metric import METRICS, BenchContext, BenchSettings
 from benchmarks.recon import Reconstruction
@@ -26,6 +27,7 @@ from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData, Preprocess
 from zoo.errors import ZooError
 from zoo.figures import Figure
+from zoo.latent import file_digest
 from zoo.model import GenerativeModel, ModelConfig, Posterior
 from zoo.samples import GridRow
 from zoo.train import Trainer, TrainSettings
@@ -132,11 +134,20 @@ def toy_context(model: GenerativeModel, data: ImageData, **settings) -> BenchCon
     context = BenchContext(
         model, info.path, info, data, BenchSettings(batch_size=7, **settings), torch.device("cpu")
     )
-    ruler = SimpleNamespace(
-        path=Path("/toy/classifier.safetensors"), backbone="colour", image_size=8
-    )
-    context.classifier = lambda: (ColourClassifier(data.attr_names), ruler)
+    context.rulers = lambda: [(ColourClassifier(data.attr_names), ruler_info("colour", data))]
     return context
+
+
+def ruler_info(name: str, data: ImageData) -> ClassifierInfo:
+    """The file record of a toy ruler: its weights digest is its name."""
+    return ClassifierInfo(
+        path=Path(f"/toy/{name}.safetensors"),
+        backbone=name,
+        attr_names=list(data.attr_names),
+        image_size=8,
+        channels=3,
+        weights_sha256=name,
+    )
 
 
 def test_edit_accuracy_of_a_model_whose_edits_always_work():
@@ -147,7 +158,7 @@ def test_edit_accuracy_of_a_model_whose_edits_always_work():
         scores = result["per_attribute"][name]
         assert scores["accuracy"] == 1.0 and scores["preservation"] == 1.0
         assert scores["pixel_l1"] == pytest.approx((HIGH - LOW) / 3, abs=1e-5)
-    assert result["classifier"]["mean_accuracy"] == 1.0
+    assert result["rulers"][0]["mean_accuracy"] == 1.0
 
 
 def test_edit_accuracy_of_a_model_that_ignores_labels():
@@ -197,7 +208,8 @@ def test_edit_intensity_scales_the_label_change(intensity, works):
     by 0.4 leaves every label on its side of 0.5, so no edit may count as done."""
     model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
     result = EditAccuracy().compute(toy_context(model, painted_data(), edit_intensity=intensity))
-    assert result["intensity"] == intensity
+    assert result["intensity"]["values"] == dict.fromkeys(NAMES, intensity)
+    assert result["intensity"]["source"] == "--edit-intensity"
     for name in NAMES:
         assert result["per_attribute"][name]["accuracy"] == (1.0 if works else 0.0)
 
@@ -215,8 +227,7 @@ def test_edit_accuracy_is_also_reported_over_the_attributes_the_ruler_reads():
     model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
     data = painted_data()
     context = toy_context(model, data)
-    ruler = SimpleNamespace(path=Path("/toy/blind.safetensors"), backbone="colour", image_size=8)
-    context.classifier = lambda: (BlindToBald(), ruler)
+    context.rulers = lambda: [(BlindToBald(), ruler_info("blind", data))]
     result = EditAccuracy().compute(context)
     trusted = result["trusted_ruler"]
     assert trusted["attributes"] == ["Eyeglasses", "Male"]
@@ -228,6 +239,195 @@ def test_edit_accuracy_is_also_reported_over_the_attributes_the_ruler_reads():
         "0.jpg",
         "1.jpg",
     ]
+
+
+# -- the ruler panel --------------------------------------------------------------------------
+
+
+class MisreadsWhere(ColourClassifier):
+    """Reads like ColourClassifier but inverts attribute ``wrong`` on images where attribute
+    ``where`` reads as ``value``: two such rulers can each be half right and never agree."""
+
+    def __init__(self, wrong: int, where: int, value: float) -> None:
+        super().__init__()
+        self.wrong, self.where, self.value = wrong, where, value
+
+    def predict(self, x, batch_size=256):
+        reading = super().predict(x, batch_size)
+        mask = reading[:, self.where] == self.value
+        reading[mask, self.wrong] = 1 - reading[mask, self.wrong]
+        return reading
+
+
+def test_the_panel_reports_each_ruler_their_mean_and_the_edits_all_of_them_read():
+    model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
+    data = painted_data(40)
+    context = toy_context(model, data)
+    exact = ColourClassifier()
+    # Eyeglasses (column 1) misread on men by one ruler and on women by the other
+    on_men, on_women = MisreadsWhere(1, 2, 1.0), MisreadsWhere(1, 2, 0.0)
+    context.rulers = lambda: [
+        (exact, ruler_info("exact", data)),
+        (on_men, ruler_info("men", data)),
+        (on_women, ruler_info("women", data)),
+    ]
+    result = EditAccuracy().compute(context)
+    glasses = result["per_attribute"]["Eyeglasses"]
+    men = data.attrs[:, 2].mean().item()
+    assert glasses["accuracy_per_ruler"] == pytest.approx([1.0, 1 - men, men])
+    assert glasses["accuracy_mean"] == pytest.approx((1 + 1 - men + men) / 3)
+    assert glasses["accuracy"] == 0.0  # no Eyeglasses edit is read by all three
+    for name in ("Bald", "Male"):  # every ruler reads these edits
+        assert result["per_attribute"][name]["accuracy"] == 1.0
+        assert result["per_attribute"][name]["accuracy_per_ruler"] == [1.0, 1.0, 1.0]
+    assert result["mean"]["accuracy"] == pytest.approx(2 / 3)
+    assert result["mean"]["accuracy_mean"] == pytest.approx((3 + (3 - men) + (2 + men)) / 9)
+    assert [r["weights_sha256"] for r in result["rulers"]] == ["exact", "men", "women"]
+    headline = EditAccuracy().headline(result)
+    assert headline["edit acc"] == "0.667" and headline["rulers"] == "3"
+
+
+class FaintTexture(PaintLabels):
+    """Adds Eyeglasses as a checkerboard of +-0.02 on a grey face: a change too faint to see,
+    and too fine for a ruler that reads shapes."""
+
+    def decode_logits(self, z, y=None):
+        y = self.check_attributes(y, z.shape[0])
+        checker = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2 - 1
+        image = 0.5 + 0.02 * checker * (y[:, 1] > 0.5).float()[:, None, None, None]
+        return torch.logit(image.expand(-1, 3, 8, 8).clamp(0.01, 0.99))
+
+
+class DarkBand(PaintLabels):
+    """Adds Eyeglasses as a dark band across the eyes: a real change every ruler sees."""
+
+    def decode_logits(self, z, y=None):
+        y = self.check_attributes(y, z.shape[0])
+        image = torch.full((z.shape[0], 3, 8, 8), 0.5)
+        image[:, :, 2:4] -= 0.4 * (y[:, 1] > 0.5).float()[:, None, None, None]
+        return torch.logit(image)
+
+
+class TextureRuler(ColourClassifier):
+    """A ruler family sensitive to pixel-scale texture: Eyeglasses is 'any checkerboard'."""
+
+    def predict(self, x, batch_size=256):
+        reading = torch.zeros(len(x), 3)
+        checker = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean(dim=(1, 2, 3))
+        reading[:, 1] = (checker > 0.01).float()
+        return reading
+
+
+class ShapeRuler(ColourClassifier):
+    """A ruler family that reads shapes at a coarse scale: Eyeglasses is 'dark eye band'."""
+
+    def __init__(self, pool: int) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def predict(self, x, batch_size=256):
+        reading = torch.zeros(len(x), 3)
+        coarse = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), self.pool)
+        reading[:, 1] = (coarse.amin(dim=(1, 2, 3)) < 0.4).float()
+        return reading
+
+
+def test_a_faint_texture_one_ruler_family_reads_is_not_read_by_the_panels_agreement():
+    """The failure the panel exists for, small: an edit that is a faint texture counts as done
+    for the ruler that is sensitive to it and for no ruler that reads shapes, so the panel's
+    agreement is 0 while a single-ruler benchmark would report 1; a real edit scores 1."""
+    data = painted_data(20)
+    data.attrs[:, 1] = 0  # nobody wears glasses: every Eyeglasses edit adds them
+    panel = [TextureRuler(), ShapeRuler(2), ShapeRuler(1)]
+    scores = {}
+    for kind in (FaintTexture, DarkBand):
+        context = toy_context(kind(ModelConfig(image_size=8, num_attributes=3, latent_dim=2)), data)
+        context.rulers = lambda: [(r, ruler_info(f"r{i}", data)) for i, r in enumerate(panel)]
+        scores[kind] = EditAccuracy().compute(context)["per_attribute"]["Eyeglasses"]
+    assert scores[FaintTexture]["accuracy_per_ruler"] == [1.0, 0.0, 0.0]
+    assert scores[FaintTexture]["accuracy"] == 0.0
+    assert scores[DarkBand]["accuracy_per_ruler"] == [0.0, 1.0, 1.0]  # no texture in a band
+    assert scores[DarkBand]["accuracy"] == 0.0
+    panel[0] = ShapeRuler(4)  # a panel of shape readers agrees on the band, never the texture
+    for kind in (FaintTexture, DarkBand):
+        context = toy_context(kind(ModelConfig(image_size=8, num_attributes=3, latent_dim=2)), data)
+        context.rulers = lambda: [(r, ruler_info(f"r{i}", data)) for i, r in enumerate(panel)]
+        scores[kind] = EditAccuracy().compute(context)["per_attribute"]["Eyeglasses"]
+    assert scores[FaintTexture]["accuracy"] == 0.0 and scores[DarkBand]["accuracy"] == 1.0
+
+
+def tuned_file(context: BenchContext, **changes) -> Path:
+    """Write an edit_intensity.json beside the toy checkpoint, as zoo tune-edits would."""
+    record = {
+        "format": INTENSITY_FORMAT,
+        "checkpoint_sha256": file_digest(context.checkpoint),
+        "split": "train",
+        "rulers": [{"weights_sha256": "tuner"}],
+        "intensities": {"Bald": 0.4, "Eyeglasses": 1.0, "Male": 1.0},
+        **changes,
+    }
+    path = context.checkpoint.parent / INTENSITY_FILE
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_tuned_intensities_are_used_and_never_scored_by_the_ruler_that_chose_them(tmp_path):
+    model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
+    data = painted_data()
+    context = toy_context(model, data)
+    context.checkpoint = tmp_path / "model.safetensors"
+    context.checkpoint.write_bytes(b"weights")
+    tuned_file(context)
+    result = EditAccuracy().compute(context)  # the panel's ruler is "colour", not the tuner
+    assert result["intensity"]["source"] == str(tmp_path / INTENSITY_FILE)
+    assert result["intensity"]["tuned_on"] == "train"
+    assert result["intensity"]["values"] == {"Bald": 0.4, "Eyeglasses": 1.0, "Male": 1.0}
+    assert result["per_attribute"]["Bald"]["accuracy"] == 0.0  # x0.4 never crosses 0.5
+    assert result["per_attribute"]["Male"]["accuracy"] == 1.0
+
+    tuned_file(context, rulers=[{"weights_sha256": "colour"}])
+    with pytest.raises(ZooError, match=r"colour.safetensors .*chose this model's edit intens"):
+        EditAccuracy().compute(context)
+    tuned_file(context, split="valid")  # the split the toy data is
+    with pytest.raises(ZooError, match="tuned on the valid split, the one being scored"):
+        EditAccuracy().compute(context)
+    context.settings.edit_intensity = 1.0  # an explicit intensity ignores the file
+    assert EditAccuracy().compute(context)["per_attribute"]["Bald"]["accuracy"] == 1.0
+
+    context.settings.edit_intensity = None
+    tuned_file(context, checkpoint_sha256="0" * 16)  # tuned for weights since replaced
+    assert EditAccuracy().compute(context)["intensity"]["source"] == "default"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[]",
+        json.dumps({"format": "zoo-edit-intensity/1"}).encode(),
+        b"\xff\xfe",
+        b" " * (2 * 1024 * 1024),
+    ],
+)
+def test_a_damaged_tuned_intensity_file_is_one_line(tmp_path, content):
+    model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
+    context = toy_context(model, painted_data())
+    context.checkpoint = tmp_path / "model.safetensors"
+    context.checkpoint.write_bytes(b"weights")
+    (tmp_path / INTENSITY_FILE).write_bytes(content)
+    with pytest.raises(ZooError, match=r"edit_intensity.json .*delete it or run zoo tune-edits"):
+        EditAccuracy().compute(context)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 11, float("nan"), "2", True])
+def test_tuned_intensities_outside_zero_to_ten_are_refused(tmp_path, bad):
+    model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
+    context = toy_context(model, painted_data())
+    context.checkpoint = tmp_path / "model.safetensors"
+    context.checkpoint.write_bytes(b"weights")
+    tuned_file(context, intensities={"Bald": bad})
+    with pytest.raises(ZooError, match=r"numbers in \(0, 10\]"):
+        EditAccuracy().compute(context)
 
 
 def test_reconstruction_of_a_perfect_model():
@@ -279,7 +479,7 @@ def test_throughput_drops_with_a_deliberately_slow_decoder(no_fid_weights):
             throughput_batch_size=batch,
             throughput_repeats=3,
         )
-        context.classifier = no_classifier
+        context.rulers = no_classifier
         rates[slowness] = Throughput().compute(context)["images_per_s"]
     slow, fast = rates[delay], rates[0.0]
     for operation in ("decode", "generate", "train_step"):
@@ -364,7 +564,7 @@ def test_report_schema(runs, no_fid_weights):
     report = run_bench(latest_runs(runs), ["recon", "throughput", "fid", "edit"], settings)
     document = json.loads(json.dumps(report.to_dict()))
     assert document["format"] == "zoo-bench/1"
-    assert {"split", "n", "seed", "fid_features", "classifier", "device"} <= set(
+    assert {"split", "n", "seed", "fid_features", "classifiers", "device"} <= set(
         document["settings"]
     )
     assert {"zoo", "torch", "python"} <= set(document["versions"])
@@ -380,7 +580,10 @@ def test_report_schema(runs, no_fid_weights):
     assert cvae["metrics"]["fid"]["name"] == "FD-attr" and cvae["metrics"]["fid"]["n_real"] == 8
     edit = cvae["metrics"]["edit"]
     assert edit["method"] == "label swap" and len(edit["attributes"]) == 17
-    assert 0 <= edit["mean"]["accuracy"] <= 1 and "balanced_accuracy" in edit["classifier"]
+    assert 0 <= edit["mean"]["accuracy"] <= 1 and "balanced_accuracy" in edit["rulers"][0]
+    # no --split: the synthetic faces have a test split, so every metric measured held-out faces
+    assert document["settings"]["split"] is None
+    assert {used["split"] for used in cvae["data_used"].values()} == {"test"}
     assert vae["metrics"]["edit"]["method"].startswith("concept vector")
     assert (Path(vae["checkpoint"]).parent / "concepts" / "Smiling.safetensors").is_file()
     # each metric's own wall time, so a slow one is visible
@@ -452,7 +655,7 @@ def test_a_classifier_of_another_image_size_is_recorded_and_said(runs, synthetic
     assert flat.count("was trained on 24 px images; this model's 16 px images are resized") == 1
     assert "zoo train-classifier --data" in flat and "--image-size 16" in flat
     [result] = json.loads(out.read_text())["results"]
-    assert result["metrics"]["edit"]["classifier"]["image_size"] == 24
+    assert result["metrics"]["edit"]["rulers"][0]["image_size"] == 24
     assert result["metrics"]["fid"]["classifier_image_size"] == 24
 
 
@@ -499,7 +702,7 @@ def test_bench_says_when_it_measures_other_data_than_the_checkpoints(
 ):
     [_, vae] = latest_runs(runs)
     recorded = zoo.read_info(vae).data
-    args = ["bench", "--metric", "recon", "--metric", "throughput", "--n", "4"]
+    args = ["bench", "--metric", "recon", "--metric", "throughput", "--n", "4", "--split", "valid"]
     args += ["--throughput-batch-size", "2", "--no-progress", "--device", "cpu"]
     out = tmp_path / "results.json"
     same = CliRunner().invoke(app, [*args, str(vae), "--out", str(out)])
@@ -571,3 +774,48 @@ def test_a_figure_whose_name_would_leave_the_report_folder_is_not_written(tmp_pa
         "results-edits-run.png", "results.json", "results.md",
     ]  # fmt: skip
     assert not list(tmp_path.glob("escape*")) and "is not a plain name" in caplog.text
+
+
+def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
+    runs, synthetic_faces, tmp_path
+):
+    """`zoo tune-edits` chooses intensities with one ruler on valid; `zoo bench` then scores them
+    on the held-out test split with another, and refuses the tuner and the tuning split."""
+    [cvae, _] = latest_runs(runs)
+    checkpoint = tmp_path / "run" / "model.safetensors"  # a copy: the fixture's runs stay clean
+    checkpoint.parent.mkdir()
+    shutil.copy(cvae, checkpoint)
+    [tuner] = runs.glob("classifier-*/classifier.safetensors")
+    other, _ = train_classifier(
+        ClassifierSettings(
+            data=synthetic_faces, image_size=16, backbone="test_resnet", epochs=1, batch_size=16,
+            seed=1, balanced=False, device="cpu", out=str(tmp_path / "rulers"), progress=False,
+        )
+    )  # fmt: skip
+    common = ["--n", "8", "--no-progress", "--device", "cpu"]
+    tune = ["tune-edits", str(checkpoint), "--classifier", str(tuner), "--intensities", "1,2"]
+    tuned = CliRunner().invoke(app, [*tune, *common])
+    assert tuned.exit_code == 0, tuned.output
+    record = json.loads((checkpoint.parent / INTENSITY_FILE).read_text())
+    assert record["split"] == "valid" and record["grid"] == [1.0, 2.0]
+    assert set(record["intensities"].values()) <= {1.0, 2.0} and len(record["intensities"]) == 17
+
+    def bench(*args: str):
+        out = tmp_path / "results.json"
+        done = CliRunner().invoke(
+            app, ["bench", str(checkpoint), "--metric", "edit", "--out", str(out), *args, *common]
+        )
+        return done, json.loads(out.read_text())["results"][0]
+
+    done, result = bench("--classifier", str(tuner))
+    assert done.exit_code == 1 and "chose this model's edit intensities" in result["errors"]["edit"]
+    done, result = bench("--classifier", str(other), "--split", "valid")
+    assert done.exit_code == 1 and "tuned on the valid split" in result["errors"]["edit"]
+    done, result = bench("--classifier", str(other))
+    assert done.exit_code == 0, done.output
+    edit = result["metrics"]["edit"]
+    assert result["data_used"]["edit"]["split"] == "test"
+    assert edit["intensity"]["values"] == record["intensities"]
+    assert edit["intensity"]["tuned_on"] == "valid"
+    assert [ruler["path"] for ruler in edit["rulers"]] == [str(other)]
+    assert edit["rulers"][0]["balanced"] is False and edit["rulers"][0]["seed"] == 1

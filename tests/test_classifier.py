@@ -17,10 +17,11 @@ from benchmarks.classifier import (
     CLASSIFIER_FILE,
     AttributeClassifier,
     evaluate_classifier,
-    find_classifier,
+    find_classifiers,
     load_classifier,
     read_classifier_info,
     save_classifier,
+    weights_digest,
 )
 from benchmarks.classifier_training import (
     ClassifierSettings,
@@ -231,7 +232,7 @@ def test_a_file_naming_a_backbone_timm_would_fetch_is_refused_before_timm_builds
         text = str(caught.value)
         assert "\n" not in text and str(path) in text and repr(backbone) in text
         assert "zoo train-classifier" in text
-    assert find_classifier("abc", 16, tmp_path) is None  # skipped like any unreadable file
+    assert find_classifiers("abc", 16, tmp_path) == []  # skipped like any unreadable file
     # the same name as --backbone of zoo train-classifier
     with pytest.raises(ZooError, match=f"timm backbone {re.escape(repr(backbone))} is not one"):
         AttributeClassifier(backbone, ["Smiling"], 16)
@@ -307,7 +308,7 @@ def test_evaluation_without_shared_attributes_is_a_zoo_error() -> None:
 
 
 # README "What happens when ...": no attribute classifier matches the data
-def test_find_classifier_picks_the_newest_match(tmp_path: Path) -> None:
+def test_find_classifiers_lists_every_match_newest_first(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     classifier = _classifier()
 
@@ -329,12 +330,12 @@ def test_find_classifier_picks_the_newest_match(tmp_path: Path) -> None:
     _generative_dir.mkdir()
     _generative(_generative_dir / CLASSIFIER_FILE)
 
-    assert find_classifier("aaa", 16, runs) == newest
-    assert find_classifier("bbb", 16, runs) == runs / "newer-other-data" / CLASSIFIER_FILE
-    assert find_classifier("aaa", 32, runs) == runs / "newer-other-size" / CLASSIFIER_FILE
-    assert find_classifier("ccc", 16, runs) is None
-    assert find_classifier("aaa", 64, runs) is None
-    assert find_classifier("aaa", 16, tmp_path / "no-runs-here") is None
+    assert find_classifiers("aaa", 16, runs) == [newest, runs / "old" / CLASSIFIER_FILE]
+    assert find_classifiers("bbb", 16, runs) == [runs / "newer-other-data" / CLASSIFIER_FILE]
+    assert find_classifiers("aaa", 32, runs) == [runs / "newer-other-size" / CLASSIFIER_FILE]
+    assert find_classifiers("ccc", 16, runs) == []
+    assert find_classifiers("aaa", 64, runs) == []
+    assert find_classifiers("aaa", 16, tmp_path / "no-runs-here") == []
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -362,7 +363,8 @@ def test_train_classifier_writes_a_loadable_file_with_evaluation(
     assert path.parent.parent == tmp_path / "runs" and path.parent.name.startswith("classifier-")
     train = load_data(synthetic_faces, "train", 16, progress=False)
     classifier, loaded = load_classifier(path)
-    assert loaded == info
+    assert dataclasses.replace(loaded, weights_sha256="") == info
+    assert loaded.weights_sha256 == weights_digest(classifier) and len(loaded.weights_sha256) == 64
     assert classifier.attr_names == train.attr_names and len(train.attr_names) == 17
     assert info.data == train.describe()
     assert info.evaluation["split"] == "valid" and info.evaluation["n"] == 10
@@ -375,7 +377,7 @@ def test_train_classifier_writes_a_loadable_file_with_evaluation(
     lines = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 3]
     assert "eval_mean_accuracy" in lines[-1] and lines[-1]["img_per_s"] > 0
-    assert find_classifier(train.fingerprint, 16, tmp_path / "runs") == path
+    assert find_classifiers(train.fingerprint, 16, tmp_path / "runs") == [path]
 
 
 def test_training_is_reproducible_under_a_seed(synthetic_faces: str, tmp_path: Path) -> None:
@@ -473,3 +475,31 @@ def test_random_shift_translates_within_its_bound():
     rows = torch.arange(16.0).view(1, 1, 16, 1)
     centre = (shifted * rows).sum(dim=(1, 2, 3)) / shifted.sum(dim=(1, 2, 3))
     assert (centre - 8).abs().max() <= 2 + 1e-4 and (centre - 8).abs().max() > 0.5
+
+
+# -- a ruler's identity --------------------------------------------------------------------------
+
+
+def test_a_copy_of_a_ruler_under_another_name_and_header_is_still_that_ruler(tmp_path: Path):
+    """A model tuned against a ruler must not be scored by a copy of it: the identity is the
+    sha256 of the weights, which survives renaming the file and rewriting its metadata."""
+    from benchmarks.edits import Intensities, check_independent
+
+    original = _classifier()
+    save_classifier(tmp_path / "a" / CLASSIFIER_FILE, original, data={"fingerprint": "x"})
+    save_classifier(tmp_path / "copy.safetensors", original, data={"note": "not the same file"})
+    torch.manual_seed(1)
+    other = AttributeClassifier(TINY, ["Smiling", "Male", "Young"], 16).eval()
+    save_classifier(tmp_path / "other.safetensors", other)
+    [first, copy, different] = [
+        load_classifier(path)[1]
+        for path in (tmp_path / "a" / CLASSIFIER_FILE, tmp_path / "copy.safetensors",
+                     tmp_path / "other.safetensors")
+    ]  # fmt: skip
+    assert first.weights_sha256 == copy.weights_sha256 != different.weights_sha256
+    tuned = Intensities({"Male": 2.0}, "edit_intensity.json", {
+        "split": "valid", "rulers": [{"weights_sha256": first.weights_sha256}],
+    })  # fmt: skip
+    check_independent(tuned, [(None, different)], "test")
+    with pytest.raises(ZooError, match=r"copy.safetensors .*chose this model's edit intensities"):
+        check_independent(tuned, [(None, different), (None, copy)], "test")

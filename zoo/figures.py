@@ -217,13 +217,19 @@ def edit_figure(
 
 
 def flip_figure(
-    model: GenerativeModel, faces: Faces, attributes: list[str], *, intensity: float = 1.0
+    model: GenerativeModel,
+    faces: Faces,
+    attributes: list[str],
+    *,
+    intensity: float | dict[str, float] = 1.0,
 ) -> Figure:
     """One row per face: original, reconstruction, then each attribute flipped on its own.
 
     The AttGAN picture behind the edit benchmark. Each row's caption lists which of the
     attributes the face has, so a column removes it where listed and adds it elsewhere.
+    ``intensity`` is one scale for every edit or one per attribute (tuned intensities).
     """
+    scales = intensity if isinstance(intensity, dict) else dict.fromkeys(attributes, intensity)
     info = _info(model)
     if not model.conditional:
         raise ZooError(f"{model.model_name} is unconditional: it has no labels to flip")
@@ -235,18 +241,22 @@ def flip_figure(
     for name in attributes:
         column = info.attr_names.index(name)
         new_y = with_attribute(y, name, 1 - y[:, column], info.attr_names)
-        columns.append(decode(model, z, scale_edit(y, new_y, intensity)))
+        columns.append(decode(model, z, scale_edit(y, new_y, scales[name])))
     rows = []
     for i, filename in enumerate(faces.names):
         has = [name for name in attributes if y[i, info.attr_names.index(name)] > 0.5]
         caption = f"{filename} has {', '.join(has) or 'none of them'}"
         rows.append(GridRow(caption, torch.stack([images[i] for images in columns])))
-    times = f" x{intensity:g}" if intensity != 1 else ""
+    if len(set(scales.values())) > 1:
+        times = " at its tuned intensity"
+    else:
+        times = "".join(f" x{value:g}" for value in set(scales.values()) if value != 1)
     title = (
         f"{model.model_name}: each attribute flipped alone{times} (label swap); "
         "a column removes the attribute where the row lists it and adds it elsewhere"
     )
-    return Figure(title, rows, ["original", "reconstruction", *attributes])
+    headers = [name if scales[name] == 1 else f"{name} x{scales[name]:g}" for name in attributes]
+    return Figure(title, rows, ["original", "reconstruction", *headers])
 
 
 def latent_grid_figure(
