@@ -20,11 +20,11 @@ from benchmarks.fid import hub_weights_path
 from benchmarks.metric import METRICS, BenchContext, BenchSettings
 from benchmarks.recon import Reconstruction
 from benchmarks.report import write_report
-from benchmarks.runner import BenchReport, ModelResult, latest_runs, run_bench
+from benchmarks.runner import BenchReport, ModelResult, benchmark_split, latest_runs, run_bench
 from benchmarks.throughput import Throughput
 from cli import app
 from zoo.checkpoint import CheckpointInfo
-from zoo.data import ImageData, Preprocess
+from zoo.data import ImageData, Preprocess, Source, held_out_split
 from zoo.errors import ZooError
 from zoo.figures import Figure
 from zoo.latent import file_digest
@@ -399,6 +399,7 @@ def test_tuned_intensities_are_used_and_never_scored_by_the_ruler_that_chose_the
     assert EditAccuracy().compute(context)["intensity"]["source"] == "default"
 
 
+# README "What happens when ...": `edit_intensity.json` beside a checkpoint is damaged
 @pytest.mark.parametrize(
     "content",
     [
@@ -776,6 +777,7 @@ def test_a_figure_whose_name_would_leave_the_report_folder_is_not_written(tmp_pa
     assert not list(tmp_path.glob("escape*")) and "is not a plain name" in caplog.text
 
 
+# README "What happens when ...": a ruler that chose a checkpoint's edit intensities ...
 def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
     runs, synthetic_faces, tmp_path
 ):
@@ -819,3 +821,25 @@ def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
     assert edit["intensity"]["tuned_on"] == "valid"
     assert [ruler["path"] for ruler in edit["rulers"]] == [str(other)]
     assert edit["rulers"][0]["balanced"] is False and edit["rulers"][0]["seed"] == 1
+
+
+# README "What happens when ...": the data has no test split (the CelebA sample)
+def test_the_benchmark_measures_the_test_split_and_falls_back_to_valid_with_a_warning(
+    make_celeba, caplog
+):
+    with_test = make_celeba("with-test")
+    without = make_celeba("without-test", partition=(0, 0, 0, 0, 1, 1))
+    assert held_out_split(Source("celeba", with_test), 16, progress=False) == "test"
+    assert held_out_split(Source("celeba", without), 16, progress=False) == "valid"
+    settings = BenchSettings(progress=False)
+    for root, split in ((with_test, "test"), (without, "valid")):
+        info = CheckpointInfo(
+            path=root / "model.safetensors",
+            model_name="cvae",
+            config={},
+            preprocess={"image_size": 16, "crop_fraction": 0.8315, "channels": 3},
+            data={"root": str(root)},
+        )
+        assert benchmark_split({}, info, settings).split == split
+    assert caplog.text.count("has no test split: measuring on its valid split") == 1
+    assert str(without) in caplog.text
