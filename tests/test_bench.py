@@ -796,6 +796,10 @@ def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
     )  # fmt: skip
     common = ["--n", "8", "--no-progress", "--device", "cpu"]
     tune = ["tune-edits", str(checkpoint), "--classifier", str(tuner), "--intensities", "1,2"]
+    for bad, said in (("1,x", "not a comma-separated list"), ("0,2", r"numbers in (0, 10]")):
+        refused = CliRunner().invoke(app, [*tune[:-1], bad, *common])
+        assert refused.exit_code == 1 and said in refused.output, refused.output
+    assert not (checkpoint.parent / INTENSITY_FILE).exists()
     tuned = CliRunner().invoke(app, [*tune, *common])
     assert tuned.exit_code == 0, tuned.output
     record = json.loads((checkpoint.parent / INTENSITY_FILE).read_text())
