@@ -155,7 +155,7 @@ def test_fd_attr_with_a_real_attribute_classifier_file(valid, tmp_path):
     classifier_path = tmp_path / "classifier.safetensors"
     save_classifier(classifier_path, classifier, data=valid.describe())
     vae, path = tiny_model("vae", valid, tmp_path)
-    settings = {"fid_features": "classifier", "classifier": str(classifier_path), "n": 4}
+    settings = {"fid_features": "classifier", "classifiers": [str(classifier_path)], "n": 4}
     result = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     digest = hashlib.sha256(classifier_path.read_bytes()).hexdigest()[:16]
     assert result["features"] == f"classifier:test_resnet:{digest}"
