@@ -71,7 +71,6 @@ INTENSITY_FILE = "edit_intensity.json"  # per-attribute intensities from `zoo tu
 INTENSITY_FORMAT = "zoo-edit-intensity/1"
 MAX_INTENSITY = 10.0
 MAX_INTENSITY_BYTES = 1024 * 1024  # a tuned file is a few kB; anything larger is not zoo's
-DEFAULT_GRID = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 def edited_attributes(context: BenchContext, rulers: list[tuple[Any, Any]]) -> list[str]:

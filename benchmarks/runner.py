@@ -199,20 +199,20 @@ def benchmark_split(
 ) -> ImageData:
     """The benchmark split for a checkpoint, loaded once per (data, split, size): ``--split``,
     else the data's test split when it has one, else its valid split (said once)."""
-    split = settings.split
+    split, source = settings.split, None
     if split is None:
         source = checkpoint_source(info, settings.data, progress=settings.progress)
         size = int(info.preprocess.get("image_size", 0))
         split = held_out_split(source, size, progress=settings.progress)
-        if split != "test":
-            key = f"no-test-note:{source.root}"
-            if key not in tools:
-                tools[key] = log.warning(
-                    "%s has no test split: measuring on its valid split; keep images you never "
-                    "tune on in a test split (partition 2) to benchmark on held-out faces",
-                    source.root,
-                )
+        note = f"no-test-note:{source.root}"
+        if split != "test" and note not in tools:
+            log.warning(
+                "%s has no test split: measuring on its valid split; keep images you never "
+                "tune on in a test split (partition 2) to benchmark on held-out faces",
+                source.root,
+            )
+            tools[note] = True
     key = f"split:{settings.data or info.data.get('root')}:{split}:{info.preprocess}"
-    if key not in tools:
-        tools[key] = checkpoint_data(info, split, settings.data)
+    if key not in tools:  # the source resolved above is not resolved again
+        tools[key] = checkpoint_data(info, split, settings.data, source=source)
     return tools[key]
