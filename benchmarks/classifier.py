@@ -32,18 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.checkpoint import (
-    FORMAT_KEY,
-    FORMAT_VERSION,
-    KIND_KEY,
-    atomic_save,
-    finite_state_dict,
-    load_matching_weights,
-    read_header,
-)
+from zoo.checkpoint import finite_state_dict
 from zoo.data import ImageData
 from zoo.device import pick_device
 from zoo.errors import ZooError, error_reason
+from zoo.files import load_matching_weights, read_header, write_tensors_file
 from zoo.names import check_attribute_names
 
 __all__ = [
@@ -266,8 +259,6 @@ def save_classifier(path: str | Path, classifier: AttributeClassifier, **metadat
     path = Path(path)
     state = finite_state_dict(classifier, path)
     header = {
-        FORMAT_KEY: FORMAT_VERSION,
-        KIND_KEY: KIND,
         "zoo.backbone": classifier.backbone_name,
         "zoo.attributes": json.dumps(classifier.attr_names),
         "zoo.image_size": str(classifier.image_size),
@@ -282,7 +273,7 @@ def save_classifier(path: str | Path, classifier: AttributeClassifier, **metadat
             header[name] = json.dumps(value)
         except (TypeError, ValueError):
             raise ZooError(f"metadata {key!r} is not JSON-serialisable; pass plain data") from None
-    atomic_save(path, state, header)
+    write_tensors_file(path, KIND, state, header)
 
 
 def _info_from_header(path: Path, metadata: dict[str, str]) -> ClassifierInfo:

@@ -40,7 +40,6 @@ import torch
 
 from benchmarks.metric import BenchContext, Metric, register_metric
 from zoo.data import checkpoint_data
-from zoo.data.cache import image_progress
 from zoo.errors import ZooError
 from zoo.figures import flip_figure
 from zoo.files import atomic_write_text
@@ -57,6 +56,7 @@ from zoo.latent import (
     scale_edit,
     with_attribute,
 )
+from zoo.progress import image_progress
 
 log = logging.getLogger(__name__)
 

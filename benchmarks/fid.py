@@ -44,10 +44,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from benchmarks.classifier import weights_digest
 from benchmarks.metric import BenchContext, Metric, register_metric
-from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save, read_tensors_file
-from zoo.data import cache_dir
-from zoo.data.cache import image_progress
 from zoo.errors import ZooError, error_reason
+from zoo.files import cache_dir, read_tensors_file, write_tensors_file
+from zoo.progress import image_progress
 
 logger = logging.getLogger(__name__)
 
@@ -487,13 +486,9 @@ def load_stats(path: Path, key: dict[str, Any], metric: FrechetInceptionDistance
 
 
 def save_stats(path: Path, key: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
-    metadata = {
-        FORMAT_KEY: FORMAT_VERSION,
-        KIND_KEY: STATS_KIND,
-        "zoo.fid.key": json.dumps(key, sort_keys=True),
-    }
+    metadata = {"zoo.fid.key": json.dumps(key, sort_keys=True)}
     try:
-        atomic_save(path, stats, metadata)
+        write_tensors_file(path, STATS_KIND, stats, metadata)
     except OSError as error:  # a read-only cache costs time, not the result
         logger.warning("could not cache FID real statistics at %s: %s", path, error)
 

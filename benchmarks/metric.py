@@ -20,10 +20,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData
 from zoo.errors import ZooError
 from zoo.figures import Figure
+from zoo.metadata import CheckpointInfo
 from zoo.model import GenerativeModel
 from zoo.registry import PluginRegistry
 

@@ -16,11 +16,12 @@ import torch
 
 import zoo
 from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
-from zoo.checkpoint import CheckpointInfo, read_info
+from zoo.checkpoint import read_info
 from zoo.data import ImageData, checkpoint_data, checkpoint_source, held_out_split
 from zoo.device import keep_freed_memory, pick_device
 from zoo.errors import ZooError, failure_text
 from zoo.figures import Figure
+from zoo.metadata import CheckpointInfo
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from benchmarks.metric import BenchContext, Metric, register_metric
-from zoo.device import autocast, resolve_precision
 from zoo.errors import ZooError
+from zoo.precision import autocast, choose_precision
+from zoo.step import measure_step_times
 
 WARMUP_CALLS = 5  # oneDNN picks bf16 kernels over the first few calls
 
@@ -57,7 +58,7 @@ class Throughput(Metric):
 
     def compute(self, context: BenchContext) -> dict[str, Any]:
         settings, device, model = context.settings, context.device, context.model.eval()
-        precision = resolve_precision(device, settings.precision)
+        precision = choose_precision(device, settings.precision, measure_step_times).precision
         batch = settings.throughput_batch_size
         index = torch.arange(batch) % len(context.data)
         images, _ = context.data.batch(index, device)

@@ -11,7 +11,7 @@ import torch
 from torchvision.io import encode_jpeg
 
 from zoo.data.cache import quiet_image_io
-from zoo.device import StepTimes, store_measurement
+from zoo.precision import StepTimes, store_measurement
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

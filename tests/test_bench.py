@@ -23,13 +23,13 @@ from benchmarks.report import write_report
 from benchmarks.runner import BenchReport, ModelResult, benchmark_split, latest_runs, run_bench
 from benchmarks.throughput import Throughput
 from cli import app
-from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData, Preprocess, Source, held_out_split
 from zoo.errors import ZooError
 from zoo.figures import Figure
+from zoo.grids import GridRow
 from zoo.latent import file_digest
+from zoo.metadata import CheckpointInfo
 from zoo.model import GenerativeModel, ModelConfig, Posterior
-from zoo.samples import GridRow
 from zoo.train import Trainer, TrainSettings
 
 NAMES = ["Bald", "Eyeglasses", "Male"]  # three of the AttGAN edit attributes

@@ -231,7 +231,7 @@ def _pickle_readers():
         "checkpoint": zoo.load,
         "checkpoint header": zoo.read_info,
         "resume state": checkpoint.load_train_state,
-        "concept vector": lambda path: checkpoint.read_tensors_file(path, "concept vector"),
+        "concept vector": lambda path: files.read_tensors_file(path, "concept vector"),
         "classifier": load_classifier,
     }
 

@@ -15,15 +15,15 @@ from benchmarks.edits import bench_concept
 from benchmarks.metric import BenchContext, BenchSettings
 from cli import app
 from zoo import load as zoo_load
-from zoo.checkpoint import atomic_save, read_tensors_file
 from zoo.data import checkpoint_data
+from zoo.files import read_tensors_file, write_tensors_file
+from zoo.grids import LINE_HEIGHT, PADDING
 from zoo.latent import (
     CONCEPT_KIND,
     concept_path,
     faces_from_files,
     load_concept,
 )
-from zoo.samples import LINE_HEIGHT, PADDING
 from zoo.train import Trainer, TrainSettings
 
 runner = CliRunner()
@@ -199,7 +199,7 @@ def test_bench_uses_only_concept_vectors_of_the_training_split(vae, caplog, monk
 
     tensors, metadata = read_tensors_file(path, CONCEPT_KIND)
     del metadata["split"]  # a file that does not record its split: unknown, so not reused
-    atomic_save(path, tensors, metadata)
+    write_tensors_file(path, CONCEPT_KIND, tensors, metadata)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert bench_concept(context, "Smiling").split == "train"

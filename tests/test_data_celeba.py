@@ -22,6 +22,7 @@ from torchvision.io import encode_jpeg, encode_png
 from zoo.data import ImageData, Preprocess, cache, load_data, load_image_file
 from zoo.data.cache import quiet_image_io
 from zoo.errors import ZooError
+from zoo.files import cache_dir
 
 
 def write_image(path: Path, image: torch.Tensor, kind: str = "jpeg") -> None:
@@ -148,7 +149,7 @@ def test_strict_mode_names_the_first_bad_image_whether_cached_or_not(make_celeba
     (root / "img_align_celeba" / "000004.jpg").write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(ZooError, match=r"000004\.jpg cannot be decoded"):
         load_data(str(root), "all", 16, strict=True, progress=False)
-    assert not list((cache.cache_dir() / "prepared").iterdir())  # nothing half-built kept
+    assert not list((cache_dir() / "prepared").iterdir())  # nothing half-built kept
     assert len(load_data(str(root), "all", 16, progress=False)) == 5
     with pytest.raises(ZooError, match=r"000004\.jpg is undecodable"):
         load_data(str(root), "all", 16, strict=True, progress=False)
@@ -251,7 +252,7 @@ def test_a_changed_source_is_prepared_again(make_celeba, monkeypatch):
     assert len(decoded) == 6
     assert second.fingerprint != first.fingerprint
     assert second.attrs[0].tolist() == [1.0, 1.0, 1.0]
-    assert len(list((cache.cache_dir() / "prepared").iterdir())) == 2
+    assert len(list((cache_dir() / "prepared").iterdir())) == 2
 
 
 # README "What happens when": the source folder changes after `zoo data prepare`
@@ -278,13 +279,13 @@ def test_touching_an_image_prepares_again(make_celeba):
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     second = load_data(str(root), "all", 16, progress=False)
     assert second.fingerprint != first.fingerprint
-    assert len(list((cache.cache_dir() / "prepared").iterdir())) == 2
+    assert len(list((cache_dir() / "prepared").iterdir())) == 2
 
 
 def test_a_damaged_cache_is_rebuilt(make_celeba):
     root = str(make_celeba())
     expected = load_data(root, "all", 16, progress=False).images.clone()  # unmap before damage
-    (prepared,) = (cache.cache_dir() / "prepared").iterdir()
+    (prepared,) = (cache_dir() / "prepared").iterdir()
     with (prepared / "images.u8").open("r+b") as images:
         images.truncate(100)
     again = load_data(root, "all", 16, progress=False)
@@ -349,14 +350,14 @@ def test_two_processes_preparing_one_cache_at_once_both_read_it(make_celeba, tmp
     if cache.fcntl is not None:  # with the lock, one decodes, the other waits and reuses it
         assert sorted(builds) == [0, 1]
     only = cache.prepare(root, here.preprocess, progress=False)
-    assert list((cache.cache_dir() / "prepared").iterdir()) == [only]  # no temp dir left
+    assert list((cache_dir() / "prepared").iterdir()) == [only]  # no temp dir left
 
 
 def test_a_build_finishing_second_keeps_the_cache_already_in_use(make_celeba):
     root = make_celeba()
     data = load_data(str(root), "all", 16, progress=False)
     expected = data.images.clone()  # a copy: the mapped file is damaged below
-    (target,) = (cache.cache_dir() / "prepared").iterdir()
+    (target,) = (cache_dir() / "prepared").iterdir()
     in_use = (target / cache.IMAGES_FILE).stat().st_ino
     late = target.with_name(".late-build")  # an identical build that finishes second
     shutil.copytree(target, late)
@@ -374,13 +375,13 @@ def test_a_build_finishing_second_keeps_the_cache_already_in_use(make_celeba):
 def test_the_temp_dir_of_a_killed_build_is_removed_by_the_next_build(make_celeba):
     root = make_celeba()
     load_data(str(root), "all", 16, progress=False)
-    (target,) = (cache.cache_dir() / "prepared").iterdir()
+    (target,) = (cache_dir() / "prepared").iterdir()
     shutil.rmtree(target)
     killed = target.with_name(f".{target.name}.k1ll3d")  # as tempfile.mkdtemp names it
     killed.mkdir()
     (killed / cache.IMAGES_FILE).write_bytes(bytes(1000))
     load_data(str(root), "all", 16, progress=False)
-    assert list((cache.cache_dir() / "prepared").iterdir()) == [target]
+    assert list((cache_dir() / "prepared").iterdir()) == [target]
 
 
 def test_batch_gives_floats_and_reproducible_flips():

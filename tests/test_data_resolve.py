@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from zoo.data import Source, cache_dir, load_data, resolve_source, synth
+from zoo.data import Source, load_data, resolve_source, synth
 from zoo.errors import ZooError
+from zoo.files import cache_dir
 
 
 def warnings_in(caplog) -> list[str]:

@@ -14,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from zoo import device
-from zoo.device import BF16_SPEEDUP_NEEDED, PRECISION_FILE, StepTimes, choose_precision
+from zoo import device, precision, run, step
 from zoo.errors import ZooError
+from zoo.precision import BF16_SPEEDUP_NEEDED, PRECISION_FILE, StepTimes
 
 CPU = torch.device("cpu")
 
@@ -36,8 +36,13 @@ def probe(tmp_path, monkeypatch):
 
     fake = FakeProbe()
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "fresh-cache"))
-    monkeypatch.setattr(device, "measure_step_times", fake)
+    monkeypatch.setattr(run, "measure_step_times", fake)  # the probe zoo train passes
     return fake
+
+
+def choose_precision(where: torch.device, requested: str) -> precision.PrecisionChoice:
+    """`zoo.precision.choose_precision` with the probe zoo train gives it (faked above)."""
+    return precision.choose_precision(where, requested, run.measure_step_times)
 
 
 def cache_entries(tmp_path) -> dict:
@@ -78,7 +83,7 @@ def test_the_probe_result_is_cached_per_machine_and_torch_version(probe, tmp_pat
     probe.times = StepTimes(fp32=1.0, bf16=1.0)
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert choose_precision(CPU, "auto").precision == "fp32" and probe.calls == 2
-    monkeypatch.setattr(device, "cpu_name", lambda: "Another CPU 3000")
+    monkeypatch.setattr(precision, "cpu_name", lambda: "Another CPU 3000")
     assert choose_precision(CPU, "auto").precision == "fp32" and probe.calls == 3
     entries = cache_entries(tmp_path)
     assert len(entries) == 3 and any("Another CPU 3000 | torch 9.9.9" in key for key in entries)
@@ -93,11 +98,11 @@ def test_a_corrupt_cache_is_ignored_and_rewritten(probe, tmp_path, content):
     path = tmp_path / "fresh-cache" / PRECISION_FILE
     path.parent.mkdir(parents=True)
     if content == "entry":  # this machine's entry, with a timing that is not a positive number
-        key = device.probe_key(CPU)
+        key = precision.probe_key(CPU)
         content = json.dumps({key: {"fp32_s": "NaN", "bf16_s": 1.0}}).encode()
     path.write_bytes(content)
     assert choose_precision(CPU, "auto").precision == "bf16" and probe.calls == 1
-    assert cache_entries(tmp_path)[device.probe_key(CPU)]["speedup"] == 2.0
+    assert cache_entries(tmp_path)[precision.probe_key(CPU)]["speedup"] == 2.0
     assert choose_precision(CPU, "auto").precision == "bf16" and probe.calls == 1
     assert [p.name for p in path.parent.iterdir()] == [PRECISION_FILE]  # no temp file left
 
@@ -123,7 +128,7 @@ def test_cuda_uses_bf16_where_the_gpu_supports_it(probe, monkeypatch):
 def test_the_real_probe_times_both_precisions_and_leaves_the_process_as_it_was():
     threads = torch.get_num_threads()
     rng = torch.get_rng_state()
-    times = device.measure_step_times(CPU)
+    times = step.measure_step_times(CPU)
     assert 0 < times.fp32 < 10 and 0 < times.bf16 < 10
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 

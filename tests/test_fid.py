@@ -20,8 +20,9 @@ from torch import nn
 import zoo
 from benchmarks import fid
 from benchmarks.metric import BenchContext, BenchSettings
-from zoo.data import cache_dir, load_data
+from zoo.data import load_data
 from zoo.errors import ZooError
+from zoo.files import cache_dir
 
 TINY = {"image_size": 16, "base_channels": 4, "max_channels": 8, "latent_dim": 4}
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 import zoo
 from benchmarks.classifier_training import ClassifierSettings, train_classifier
 from zoo.data import checkpoint_data, load_data
-from zoo.device import autocast, exact_fp32
+from zoo.precision import autocast, exact_fp32
 from zoo.registry import MODELS
 from zoo.train import Trainer, TrainSettings
 

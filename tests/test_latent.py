@@ -8,11 +8,11 @@ from torch import nn
 
 import zoo
 from zoo import latent
-from zoo.checkpoint import CheckpointInfo
 from zoo.data import ImageData, Preprocess
 from zoo.errors import ZooError
 from zoo.figures import edit_figure, flip_figure, generation_figure, latent_grid_figure
 from zoo.latent import Faces
+from zoo.metadata import CheckpointInfo
 from zoo.model import GenerativeModel, ModelConfig, Posterior
 
 ATTRS = ["Smiling", "Male", "Eyeglasses"]

@@ -31,10 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from zoo.checkpoint import CheckpointInfo, read_info
+from zoo.checkpoint import read_info
 from zoo.curves import CURVES_FILE
 from zoo.errors import ZooError
 from zoo.files import WriteFailed, atomic_write_text, exclusive_lock
+from zoo.metadata import CheckpointInfo
 from zoo.names import code_fence, markdown_code, markdown_text, printable, yaml_string
 from zoo.registry import MODELS
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from zoo.checkpoint import CheckpointInfo
 from zoo.errors import ZooError
+from zoo.grids import GridRow, save_captioned_grid
 from zoo.latent import (
     Faces,
     base_attributes,
@@ -30,8 +30,8 @@ from zoo.latent import (
     with_assignments,
     with_attribute,
 )
+from zoo.metadata import CheckpointInfo
 from zoo.model import GenerativeModel
-from zoo.samples import GridRow, save_captioned_grid
 
 COLUMNS = 8
 

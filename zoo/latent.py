@@ -4,29 +4,22 @@ These are the experiments of the two designs behind zoo: the CVAE's label swap
 (encode a face with its labels, change the labels, decode) and the Keras VAE's
 latent arithmetic (a "smile vector" = mean latent of smiling faces minus the
 mean of the others, added to a face's latent). Everything takes and returns
-tensors; `zoo/samples.py` turns them into captioned PNG grids.
+tensors; `zoo/grids.py` turns them into captioned PNG grids.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from zoo.checkpoint import (
-    FORMAT_KEY,
-    FORMAT_VERSION,
-    KIND_KEY,
-    CheckpointInfo,
-    atomic_save,
-    read_tensors_file,
-)
 from zoo.data import ImageData, Preprocess, checkpoint_data, load_image_file
 from zoo.errors import ZooError
+from zoo.files import file_sha256, read_tensors_file, write_tensors_file
+from zoo.metadata import CheckpointInfo
 from zoo.model import GenerativeModel
 from zoo.names import check_attribute_names
 
@@ -300,7 +293,8 @@ def compute_concept(
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """The short sha256 a concept vector records of the checkpoint it was computed from."""
+    return file_sha256(Path(path))[:16]
 
 
 def concept_path(checkpoint: Path, attribute: str) -> Path:
@@ -312,8 +306,6 @@ def concept_path(checkpoint: Path, attribute: str) -> Path:
 
 def save_concept(path: Path, concept: Concept) -> None:
     metadata = {
-        FORMAT_KEY: FORMAT_VERSION,
-        KIND_KEY: CONCEPT_KIND,
         "attribute": concept.attribute,
         "count_with": str(concept.count_with),
         "count_without": str(concept.count_without),
@@ -322,7 +314,7 @@ def save_concept(path: Path, concept: Concept) -> None:
         "split": concept.split,
         "checkpoint_digest": concept.checkpoint_digest,
     }
-    atomic_save(path, {"vector": concept.vector}, metadata)
+    write_tensors_file(path, CONCEPT_KIND, {"vector": concept.vector}, metadata)
 
 
 def load_concept(checkpoint: Path, attribute: str, model: GenerativeModel) -> Concept:

@@ -20,8 +20,8 @@ from torch import nn
 from zoo.errors import ZooError
 
 if TYPE_CHECKING:
-    from zoo.checkpoint import CheckpointInfo
     from zoo.data import ImageData
+    from zoo.metadata import CheckpointInfo
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 LOG_2PI = math.log(2 * math.pi)

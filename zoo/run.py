@@ -36,38 +36,26 @@ from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from zoo import distributed
 from zoo.checkpoint import load_train_state, save_train_state
 from zoo.config import with_overrides
 from zoo.curves import write_run_curves
 from zoo.data import ImageData
-from zoo.device import (
-    PrecisionChoice,
-    autocast,
-    choose_precision,
-    exact_fp32,
-    keep_freed_memory,
-)
+from zoo.device import keep_freed_memory
 from zoo.errors import ZooError, error_reason
 from zoo.files import WriteFailed, append_text, atomic_write_bytes, hold_lock, remove_temporaries
 from zoo.metrics_log import METRICS_FILE, read_log
 from zoo.names import printable
+from zoo.precision import PrecisionChoice, choose_precision, exact_fp32
+from zoo.progress import training_progress
+from zoo.step import measure_step_times, train_step
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.safetensors"
 SETTINGS_FILE = "config.json"
 RUN_LOCK = ".zoo-run.lock"  # held by the process that trains the run
-FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel
 
 T = TypeVar("T")
 
@@ -275,20 +263,6 @@ class CtrlC:
             self._installed = False
 
 
-def training_progress(enabled: bool) -> Progress:
-    """The bar of every training loop: steps, the loop's live numbers (`stats`), time and ETA."""
-    return Progress(
-        TextColumn("{task.description}", style="bold", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}", markup=False),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 class TrainingRun:
     """One training run: `run()` trains until the step budget, an error or Ctrl-C.
 
@@ -422,8 +396,10 @@ class TrainingRun:
         """Under DDP rank 0 decides ``auto`` (it may run the probe) and the other ranks follow."""
         requested = self.settings.precision
         if self.ranks.solo or requested != "auto":
-            return choose_precision(self.device, requested)
-        choice = choose_precision(self.device, requested) if self.is_main else None
+            return choose_precision(self.device, requested, measure_step_times)
+        choice = (
+            choose_precision(self.device, requested, measure_step_times) if self.is_main else None
+        )
         agreed = self.ranks.broadcast_text(choice.precision if choice else "", self.device)
         return choice or PrecisionChoice(agreed, "auto: as rank 0 chose")
 
@@ -608,26 +584,28 @@ class TrainingRun:
         process's images; scaled by share x ranks, DDP's average of the ranks' gradients is the
         gradient of the global-batch mean, as with one process.
 
-        The finiteness check is the loop's one host sync per step: a NaN must be caught at the
-        step it appears, before the optimizer writes it into the weights. Under DDP the same
-        all-reduce tells every rank whether Ctrl-C was pressed on any of them.
+        The step is `zoo.step.train_step`; its finiteness check here is also the all-reduce that
+        tells every DDP rank whether Ctrl-C was pressed on any of them.
         """
-        with autocast(self.device, self.precision):
-            losses = self.losses(inputs)
-        self.optimizer.zero_grad(set_to_none=True)
-        (losses["loss"] * (share * self.ranks.world_size)).backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        health = torch.stack(
-            [losses["loss"].detach().float(), torch.nn.utils.get_total_norm(grads)]
+
+        def agreed_finite(health: torch.Tensor) -> bool:
+            finite, self.stop_agreed = self.ranks.agree(health, self.ctrl_c.pressed)
+            return finite
+
+        losses, health, stepped = train_step(
+            lambda: self.losses(inputs),
+            self.model,
+            self.optimizer,
+            self.device,
+            self.precision,
+            scale=share * self.ranks.world_size,
+            check=agreed_finite,
         )
-        finite, self.stop_agreed = self.ranks.agree(health, self.ctrl_c.pressed)
-        if not finite:
+        if not stepped:
             if self.settings.on_nan == "stop":
                 raise ZooError(self._nan_message(losses, health[1]))
             log.warning("non-finite loss or gradient at step %d; step skipped", self.step + 1)
-            self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.optimizer.step()
         self.after_step()
         return losses
 

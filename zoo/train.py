@@ -25,10 +25,11 @@ from zoo.card import write_card
 from zoo.checkpoint import save_checkpoint
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.errors import ZooError, error_reason
+from zoo.grids import training_grid
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
-from zoo.run import FUSED_ADAM_DEVICES, TrainingRun, stored_settings
-from zoo.samples import training_grid
+from zoo.run import TrainingRun, stored_settings
+from zoo.step import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,7 @@ class Trainer(TrainingRun):
 
     def build(self) -> tuple[GenerativeModel, torch.optim.Optimizer]:
         model = build_model(self.settings, self.data).to(self.device)
-        # one fused kernel instead of ~10 small ops per parameter (README: speed)
-        fused = self.device.type in FUSED_ADAM_DEVICES
-        return model, torch.optim.Adam(model.parameters(), lr=self.settings.lr, fused=fused)
+        return model, make_optimizer(model.parameters(), self.device, self.settings.lr)
 
     def started(self) -> None:
         self.preview = self._preview_batch()

@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,26 +25,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from safetensors.torch import load_file, save_file
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2.functional import to_dtype
 
 from zoo.data import celeba
 from zoo.errors import ZooError
+from zoo.files import cache_dir
+from zoo.progress import image_progress
 
 if TYPE_CHECKING:
-    from zoo.data import Preprocess
+    from zoo.data.preprocess import Preprocess
 
 try:
     import fcntl
@@ -72,25 +63,6 @@ class Prepared:
     filenames: list[str]
     attr_names: list[str]
     splits: dict[str, tuple[int, int]]  # split -> [start, stop) rows
-
-
-def cache_dir() -> Path:
-    """$ZOO_CACHE_DIR, else $XDG_CACHE_HOME/zoo, else ~/.cache/zoo; a ZooError if a file
-    stands where that folder (or one of its parents) has to be."""
-    if os.environ.get("ZOO_CACHE_DIR"):
-        folder, origin = Path(os.environ["ZOO_CACHE_DIR"]).expanduser().resolve(), "ZOO_CACHE_DIR"
-    elif os.environ.get("XDG_CACHE_HOME"):
-        folder = Path(os.environ["XDG_CACHE_HOME"]).expanduser().resolve() / "zoo"
-        origin = "XDG_CACHE_HOME"
-    else:
-        folder, origin = Path.home() / ".cache" / "zoo", "the home folder"
-    blocker = next((path for path in (folder, *folder.parents) if path.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise ZooError(
-            f"the cache folder {folder} (from {origin}) cannot be used: {blocker} is a file, not "
-            "a folder; set ZOO_CACHE_DIR to a folder"
-        )
-    return folder
 
 
 def prepare(
@@ -176,29 +148,6 @@ def quiet_image_io() -> Iterator[None]:
             "ignore", message="The image decoding and encoding", category=DeprecationWarning
         )
         yield
-
-
-class _RateColumn(ProgressColumn):
-    """Images per second, which is the number a user compares between machines."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
-
-
-@contextmanager
-def image_progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr (stdout stays clean for tables); yields ``advance(n)``."""
-    columns = (
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), disable=not enabled) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda done: bar.advance(task, done)
 
 
 def _complete_index(target: Path, source_fingerprint: str, preprocess: Preprocess) -> dict | None:

@@ -24,8 +24,9 @@ import torch
 from torchvision.io import encode_jpeg, write_file
 
 from zoo.data import celeba
-from zoo.data.cache import image_progress, quiet_image_io
+from zoo.data.cache import quiet_image_io
 from zoo.errors import ZooError
+from zoo.progress import image_progress
 
 logger = logging.getLogger(__name__)
 

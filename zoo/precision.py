@@ -1,0 +1,152 @@
+"""The precision a run computes in: fp32, or bf16 autocast where it is clearly faster.
+
+``--precision auto`` on a CPU is decided by measurement, not by a CPU flag: bf16 autocast
+is fast where the CPU computes bf16 natively (AMX, AVX-512 BF16) and slower than fp32 where
+it is emulated, and no single flag tells them apart. A probe (`zoo.step.measure_step_times`,
+passed in by the caller, since it trains a model and models sit above this module) times a
+few training steps in each precision once per CPU model and torch version; the result is
+stored as JSON in the zoo cache dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zoo.device import cpu_name
+from zoo.errors import ZooError
+from zoo.files import WriteFailed, atomic_write_text, cache_dir
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+PRECISION_FILE = "precision.json"
+BF16_SPEEDUP_NEEDED = 1.2  # auto picks bf16 only if a probe step is at least 20% faster
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A resolved precision and why it was chosen, for the first line of `zoo train`."""
+
+    precision: str  # fp32 | bf16
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.precision} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds of CPU time for one probe training step in each precision."""
+
+    fp32: float
+    bf16: float
+
+    @property
+    def speedup(self) -> float:
+        return self.fp32 / self.bf16
+
+
+Probe = Callable[[torch.device], StepTimes]
+
+
+def probe_key(device: torch.device) -> str:
+    """What a stored measurement is valid for: this CPU model and this torch version."""
+    return f"{device.type}: {cpu_name()} | torch {torch.__version__}"
+
+
+def _read_cache(path: Path) -> dict:
+    """The stored measurements; a malformed or unreadable file counts as empty (rewritten later)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def read_measurement(device: torch.device) -> StepTimes | None:
+    """The stored probe result for this machine and torch version, if there is a valid one."""
+    entry = _read_cache(cache_dir() / PRECISION_FILE).get(probe_key(device))
+    try:
+        times = StepTimes(fp32=float(entry["fp32_s"]), bf16=float(entry["bf16_s"]))
+    except (TypeError, KeyError, ValueError):
+        return None
+    valid = all(math.isfinite(t) and t > 0 for t in (times.fp32, times.bf16))
+    return times if valid else None
+
+
+def store_measurement(device: torch.device, times: StepTimes) -> None:
+    """Add a probe result to the cache file (written atomically; a failure only warns)."""
+    path = cache_dir() / PRECISION_FILE
+    entries = _read_cache(path)
+    entries[probe_key(device)] = {
+        "fp32_s": times.fp32,
+        "bf16_s": times.bf16,
+        "speedup": round(times.speedup, 3),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    try:
+        atomic_write_text(path, json.dumps(entries, indent=2) + "\n")
+    except WriteFailed as error:
+        log.warning("could not store the precision probe (%s)", error)
+
+
+def choose_precision(device: torch.device, precision: str, probe: Probe) -> PrecisionChoice:
+    """``fp32`` or ``bf16`` as asked; ``auto`` is bf16 where it is clearly faster, else fp32.
+
+    On CUDA that is a GPU with bf16 support; on a CPU, a `probe` (run once, then stored per CPU
+    model and torch version) that measured bf16 autocast at least `BF16_SPEEDUP_NEEDED` times
+    as fast as fp32.
+    """
+    if precision in PRECISIONS:
+        return PrecisionChoice(precision, "requested")
+    if precision != "auto":
+        raise ZooError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("bf16", f"auto: {name} supports bf16")
+        return PrecisionChoice("fp32", f"auto: {name} has no bf16")
+    if device.type != "cpu":
+        return PrecisionChoice("fp32", f"auto: bf16 autocast is not used on {device.type}")
+    times = read_measurement(device)
+    source = "cached"
+    if times is None:
+        times = probe(device)
+        store_measurement(device, times)
+        source = "measured now"
+    speed = f"{times.speedup:.2f}x the speed of fp32 on {cpu_name()}, {source}"
+    if times.speedup >= BF16_SPEEDUP_NEEDED:
+        return PrecisionChoice("bf16", f"auto: bf16 measured {speed}")
+    return PrecisionChoice(
+        "fp32", f"auto: bf16 measured {speed}; it needs {BF16_SPEEDUP_NEEDED:g}x"
+    )
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a resolved precision of ``bf16``; a no-op for ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"autocast takes a resolved precision (fp32 or bf16), not {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def exact_fp32() -> None:
+    """Make fp32 on CUDA mean IEEE fp32: no TF32 in cuDNN convolutions or cuBLAS matmuls.
+
+    zoo keeps PyTorch's default, under which cuDNN convolutions (but not matmuls) run in TF32
+    on Ampere and later GPUs: a 10-bit mantissa inside fp32 storage, several times faster,
+    with results about 1e-3 apart from the CPU's. ``--deterministic`` calls this, so such a
+    run repeats bit for bit and agrees with the CPU to about 1e-5. A no-op without CUDA.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
