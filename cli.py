@@ -476,7 +476,7 @@ def check_plugin(
 def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors file.")]) -> None:
     """Show what a checkpoint holds: model, paper, config, data, training, benchmark results,
     and where its model card and loss curves are."""
-    from zoo.card import card_path, model_class_of, read_bench_results
+    from zoo.card import about, card_path, read_bench_results
     from zoo.curves import CURVES_FILE
 
     details = zoo.read_info(checkpoint)
@@ -484,12 +484,11 @@ def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors fi
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     training = details.training
-    source = " ".join(filter(None, [details.source, details.source_version]))
-    model_class = model_class_of(details)
+    described = about(details)
     rows = {
-        "model": f"{details.model_name} (from {source})",
-        "family": getattr(model_class, "family", "") or "-",
-        "paper": getattr(model_class, "paper", "") or "-",
+        "model": f"{details.model_name} (from {described.source})",
+        "family": described.family or "-",
+        "paper": described.paper or "-",
         "config": json.dumps(details.config),
         "attributes": f"{len(details.attr_names)}: {', '.join(details.attr_names)}",
         "data": json.dumps({k: v for k, v in details.data.items() if k != "attr_names"}),

@@ -184,12 +184,8 @@ class Metric:
         return context.data_record()
 
 
-def _metric_base() -> type:
-    return Metric
-
-
 METRICS: PluginRegistry[type[Metric]] = PluginRegistry(
-    "zoo.metrics", "metric", _metric_base, "benchmarks.builtin"
+    "zoo.metrics", "metric", Metric, "benchmarks.builtin"
 )
 
 

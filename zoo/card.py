@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,7 @@ def _write_card(checkpoint: Path) -> Path | None:
 def front_matter(info: CheckpointInfo, results: dict[str, dict[str, Any]]) -> str:
     """The YAML header: what the Hub and tools index (library, tags, data, metrics). Every
     string is double-quoted YAML that reads back exactly (`yaml_string`)."""
-    model_class = model_class_of(info)
+    model_class = about(info).model_class
     tags = ["zoo", info.model_name, "vae", "image-generation"]
     if model_class is not None and model_class.conditional:
         tags.append("conditional-generation")
@@ -234,13 +235,29 @@ def front_matter(info: CheckpointInfo, results: dict[str, dict[str, Any]]) -> st
     return "\n".join([*lines, "---"])
 
 
-def model_class_of(info: CheckpointInfo) -> Any:
-    """The checkpoint's registered model class, or None for a plugin not installed here (its
-    card and `zoo info` still show everything the file says)."""
+@dataclass(frozen=True)
+class About:
+    """What a checkpoint is, beyond its header: what `zoo info` and the model card both say."""
+
+    model_class: Any  # None for a plugin model not installed here
+    family: str  # "" when the class does not say (or is not installed)
+    paper: str
+    source: str  # the distribution that provides the class, with the version recorded
+
+
+def about(info: CheckpointInfo) -> About:
+    """The checkpoint's registered model class and what it says of itself; a plugin not
+    installed here still gets everything the file says."""
     try:
-        return MODELS.get(info.model_name)
+        model_class = MODELS.get(info.model_name)
     except ZooError:  # a plugin model that is not installed here: the card still renders
-        return None
+        model_class = None
+    return About(
+        model_class=model_class,
+        family=getattr(model_class, "family", "") or "",
+        paper=getattr(model_class, "paper", "") or "",
+        source=" ".join(filter(None, [info.source, info.source_version])),
+    )
 
 
 def _code_block(language: str, body: str) -> str:
@@ -301,9 +318,9 @@ def render_card(info: CheckpointInfo) -> str:
     """The card's Markdown for a checkpoint, from its metadata and recorded results."""
     run_dir = Path(info.path).parent
     results = read_bench_results(Path(info.path))
-    model_class = model_class_of(info)
-    family = getattr(model_class, "family", "") or info.model_name
-    paper = getattr(model_class, "paper", "")
+    described = about(info)
+    model_class, family, paper = described.model_class, described.family, described.paper
+    family = family or info.model_name
     training, data = info.training, info.data
     attributes = ", ".join(markdown_code(name) for name in info.attr_names) or "none"
     sections = [

@@ -22,5 +22,5 @@ def failure_text(error: BaseException) -> str:
     message, anything else as ``Type: first line`` so the reader knows what broke."""
     if isinstance(error, ZooError):
         return str(error)
-    message = str(error).splitlines()[0] if str(error).strip() else ""
+    message = error_reason(error) if str(error).strip() else ""
     return f"{type(error).__name__}: {message}".rstrip(": ")

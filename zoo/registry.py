@@ -19,12 +19,10 @@ import importlib.metadata
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from zoo.errors import ZooError, failure_text
-
-if TYPE_CHECKING:
-    from zoo.model import GenerativeModel
+from zoo.model import GenerativeModel
 
 PLUGIN_IMPORT_TIMEOUT_S = 20.0
 
@@ -54,10 +52,10 @@ class BrokenPlugin:
 class PluginRegistry(Generic[T]):
     """Named subclasses of `base`: built-ins from `builtin_module`, plugins from `group`."""
 
-    def __init__(self, group: str, kind: str, base: Callable[[], type], builtin_module: str):
+    def __init__(self, group: str, kind: str, base: type, builtin_module: str):
         self.group = group
         self.kind = kind
-        self._base = base  # resolved lazily: the base class's module may import this one
+        self.base = base
         self.builtin_module = builtin_module
         self.entries: dict[str, Entry[T]] = {}
         self.broken: dict[str, BrokenPlugin] = {}
@@ -73,7 +71,7 @@ class PluginRegistry(Generic[T]):
         return decorate
 
     def add(self, cls: Any, name: str, source: str, version: str = "") -> None:
-        base = self._base()
+        base = self.base
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise ZooError(
                 f"{self.kind} {name!r} from {source} is not a {base.__module__.split('.')[0]}."
@@ -198,14 +196,8 @@ def _load_with_timeout(entry_point: importlib.metadata.EntryPoint) -> Any:
     return outcome["value"]
 
 
-def _model_base() -> type:
-    from zoo.model import GenerativeModel
-
-    return GenerativeModel
-
-
 MODELS: PluginRegistry[type[GenerativeModel]] = PluginRegistry(
-    "zoo.models", "model", _model_base, "zoo.models"
+    "zoo.models", "model", GenerativeModel, "zoo.models"
 )
 
 

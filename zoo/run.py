@@ -82,21 +82,16 @@ def epoch_plan(num_items: int, seed: int, epoch: int) -> EpochPlan:
     return EpochPlan(order, torch.rand(num_items, generator=generator) < 0.5)
 
 
-def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of one epoch (see `epoch_plan`)."""
-    return epoch_plan(num_items, seed, epoch).order
-
-
 class Shard(NamedTuple):
     """What one process trains on in one step."""
 
     index: torch.Tensor  # rows of the data
     flips: torch.Tensor | bool  # which of them to mirror
-    images: int  # this process's images (0: it runs one image at share 0)
+    image_count: int  # this process's images (0: it runs one image at share 0)
     counts: tuple[int, ...]  # every process's images, in rank order
 
     @property
-    def global_images(self) -> int:
+    def global_image_count(self) -> int:
         """The whole step's images, over all processes."""
         return sum(self.counts)
 
@@ -633,13 +628,13 @@ class TrainingRun:
                             len(self.data), settings.seed, self.step // self.steps_per_epoch
                         )
                     shard = self._shard(plan)
-                    share = shard.images / shard.global_images
+                    share = shard.image_count / shard.global_image_count
                     with distributed.global_batch(self.ranks, shard.counts):
                         losses = self.train_step(self.batch(shard), share)
                     self.step += 1
                     if losses is not None:
-                        self.window.add(losses, shard.images, share)
-                        self.images_seen += shard.global_images
+                        self.window.add(losses, shard.image_count, share)
+                        self.images_seen += shard.global_image_count
                     epoch_end = self.step % self.steps_per_epoch == 0
                     finished = self.step == self.total_steps
                     if self.window.steps >= settings.log_every or epoch_end or finished:
