@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -36,9 +37,12 @@ from rich.table import Table
 from rich.text import Text
 
 import zoo
+from zoo.data import IMAGE_SIZE, MNIST_IMAGE_SIZE
 from zoo.errors import ZooError
+from zoo.model import ModelConfig
 from zoo.names import printable
 from zoo.nets import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from zoo.train import TrainSettings
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -163,6 +167,18 @@ class Writable:
             )
 
 
+def default_of(settings: type, name: str) -> Any:
+    """A settings dataclass's default for `name`, so a help text quotes it from its one home."""
+    found = {field.name: field for field in dataclasses.fields(settings)}[name]
+    if found.default is not dataclasses.MISSING:
+        return found.default
+    return found.default_factory()  # type: ignore[misc]
+
+
+def _train_default(name: str) -> str:
+    return f"default {default_of(TrainSettings, name)}"
+
+
 def _option_name(name: str, metadata: tuple[Any, ...]) -> str:
     """How the user spells an option: its first declared name (``-n``), else ``--the-name``.
     In ``Annotated``, Typer takes ``typer.Option("-n")``'s first argument as a declaration."""
@@ -252,66 +268,135 @@ def train(
         float | None, typer.Option(help="KL weight; 1 is the plain ELBO."), Bounds(0)
     ] = None,
     latent_dim: Annotated[
-        int | None, typer.Option(help="Latent dimensions (128 by default)."), Bounds(1, 16384)
+        int | None,
+        typer.Option(help=f"Latent dimensions (default {default_of(ModelConfig, 'latent_dim')})."),
+        Bounds(1, 16384),
     ] = None,
     likelihood: Annotated[
         str | None, typer.Option(help="gaussian (MSE) or bernoulli (BCE).")
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Square image side (64; 32 for MNIST)."), IMAGE_SIZES
+        int | None,
+        typer.Option(
+            help=f"Square image side (default {IMAGE_SIZE}; {MNIST_IMAGE_SIZE} for MNIST)."
+        ),
+        IMAGE_SIZES,
     ] = None,
     epochs: Annotated[
         int | None,
-        typer.Option(help="Passes over the split (10; a resumed run keeps its own)."),
+        typer.Option(
+            help=f"Passes over the split ({_train_default('epochs')}; a resumed run keeps its own)."
+        ),
         COUNT,
     ] = None,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many steps."), COUNT
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step."), BATCH_SIZES] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate."), Bounds(0, low_open=True)] = 1e-3,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=f"Images per step ({_train_default('batch_size')})."),
+        BATCH_SIZES,
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help=f"Adam learning rate ({_train_default('lr')})."),
+        Bounds(0, low_open=True),
+    ] = None,
     seed: Annotated[
-        int, typer.Option(help="Seed for initialisation, data order and noise."), SEEDS
-    ] = 0,
+        int | None,
+        typer.Option(
+            help=f"Seed for initialisation, data order and noise ({_train_default('seed')})."
+        ),
+        SEEDS,
+    ] = None,
     data: DataOption = None,
-    split: Annotated[str, typer.Option(help="train, valid, test or all.")] = "train",
+    split: Annotated[
+        str | None, typer.Option(help=f"train, valid, test or all ({_train_default('split')}).")
+    ] = None,
     attributes: Annotated[
         str | None, typer.Option(help="Comma-separated attribute subset, e.g. Smiling,Male.")
     ] = None,
-    device: DeviceOption = "auto",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N ({_train_default('device')})."
+        ),
+    ] = None,
     precision: Annotated[
-        str, typer.Option(help="auto (bf16 where measured clearly faster), fp32, bf16.")
-    ] = "auto",
+        str | None,
+        typer.Option(
+            help="auto (bf16 where measured clearly faster), fp32, bf16 "
+            f"({_train_default('precision')})."
+        ),
+    ] = None,
     kl_warmup: Annotated[
-        int, typer.Option(help="Steps of linear KL warm-up (0 = none)."), Bounds(0)
-    ] = 0,
-    out: RunsOutOption = Path("runs"),
+        int | None,
+        typer.Option(
+            help=f"Steps of linear KL warm-up, 0 for none ({_train_default('kl_warmup_steps')})."
+        ),
+        Bounds(0),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help=f"Folder that receives the run folder ({_train_default('out')})."),
+        Writable("folder"),
+    ] = None,
     sample_every: Annotated[
         int | None, typer.Option(help="Steps between sample grids (default: every epoch)."), COUNT
     ] = None,
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints."), COUNT] = 1000,
+    save_every: Annotated[
+        int | None,
+        typer.Option(help=f"Steps between checkpoints ({_train_default('save_every')})."),
+        COUNT,
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this folder from its last save.")
     ] = None,
     option: Annotated[
         list[str] | None, typer.Option("--option", "-o", help="Model config field KEY=VALUE.")
     ] = None,
-    on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop or skip.")] = "stop",
-    strict: Annotated[bool, typer.Option(help="Fail on any unreadable image.")] = False,
-    flip: Annotated[bool, typer.Option(help="Random horizontal flips of training images.")] = True,
+    on_nan: Annotated[
+        str | None,
+        typer.Option(help=f"On a non-finite loss: stop or skip ({_train_default('on_nan')})."),
+    ] = None,
+    strict: Annotated[
+        bool | None,
+        typer.Option(
+            "--strict/--no-strict",
+            help=f"Fail on any unreadable image ({_train_default('strict')}).",
+        ),
+    ] = None,
+    flip: Annotated[
+        bool | None,
+        typer.Option(
+            "--flip/--no-flip",
+            help=f"Random horizontal flips of training images ({_train_default('flip')}).",
+        ),
+    ] = None,
     deterministic: Annotated[
-        bool, typer.Option(help="Deterministic algorithms only (bit-reproducible, slower).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--deterministic/--no-deterministic",
+            help="Deterministic algorithms only (bit-reproducible, slower; "
+            f"{_train_default('deterministic')}).",
+        ),
+    ] = None,
     compile_model: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the training step.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help=f"torch.compile the training step ({_train_default('compile')}).",
+        ),
+    ] = None,
     nproc: NprocOption = 1,
     tensorboard: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--tensorboard", help="Also write TensorBoard event files (the tensorboard extra)."
+            "--tensorboard/--no-tensorboard",
+            help="Also write TensorBoard event files (the tensorboard extra; "
+            f"{_train_default('tensorboard')}).",
         ),
-    ] = False,
+    ] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Train a registered model; writes runs/<model>-<time>/ with weights, samples and logs."""
@@ -347,7 +432,7 @@ def train(
             seed=seed,
             device=device,
             precision=precision,
-            out=str(out),
+            out=str(out) if out is not None else None,
             sample_every=sample_every,
             save_every=save_every,
             kl_warmup_steps=kl_warmup,

@@ -43,6 +43,8 @@ SPLITS = ("train", "valid", "test", "all")
 DEFAULT_CELEBA = Path("data") / "celeba"
 SYNTHETIC_COUNT = 12_000
 SYNTHETIC_SIZE = 64
+IMAGE_SIZE = 64  # a source's default model input size; MNIST's digits are 28 px
+MNIST_IMAGE_SIZE = 32
 
 
 @dataclass
@@ -125,7 +127,7 @@ class Source(NamedTuple):
 
     @property
     def default_image_size(self) -> int:
-        return 32 if self.kind == "mnist" else 64
+        return MNIST_IMAGE_SIZE if self.kind == "mnist" else IMAGE_SIZE
 
 
 def resolve_source(spec: str | Source | None, *, progress: bool = True) -> Source:
