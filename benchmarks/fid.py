@@ -32,7 +32,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -421,33 +421,6 @@ def set_real_stats(metric: FrechetInceptionDistance, stats: dict[str, torch.Tens
     for name in REAL_STATES:
         current = getattr(metric, name)
         setattr(metric, name, stats[name].to(device=current.device, dtype=current.dtype))
-
-
-def clear(metric: FrechetInceptionDistance) -> None:
-    """Forget fake and real statistics."""
-    metric.reset()  # fake only: the metrics are built with reset_real_features=False
-    set_real_stats(metric, {name: torch.zeros_like(getattr(metric, name)) for name in REAL_STATES})
-
-
-def frechet_distance_of(
-    features: nn.Module | FrechetInceptionDistance,
-    real_batches: Iterable[torch.Tensor],
-    fake_batches: Iterable[torch.Tensor],
-) -> float:
-    """The Fréchet distance between two sets of images, as the benchmark computes it.
-
-    ``features`` is a feature module taking float images (N x num_features out) or a ready
-    metric (whose input format the batches must match); its previous statistics are cleared.
-    """
-    metric = (
-        features if isinstance(features, FrechetInceptionDistance) else classifier_fid(features)
-    )
-    clear(metric)
-    for batch in real_batches:
-        metric.update(batch, real=True)
-    for batch in fake_batches:
-        metric.update(batch, real=False)
-    return float(metric.compute())
 
 
 def stats_key(context: BenchContext, extractor: Extractor, count: int) -> dict[str, Any]:

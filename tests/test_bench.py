@@ -14,7 +14,11 @@ from typer.testing import CliRunner
 
 import zoo
 from benchmarks.classifier import ClassifierInfo
-from benchmarks.classifier_training import ClassifierSettings, train_classifier
+from benchmarks.classifier_training import (
+    ClassifierRun,
+    ClassifierSettings,
+    finished_classifier,
+)
 from benchmarks.edits import INTENSITY_FILE, INTENSITY_FORMAT, EditAccuracy
 from benchmarks.fid import hub_weights_path
 from benchmarks.metric import METRICS, BenchContext, BenchSettings
@@ -532,17 +536,19 @@ def runs(synthetic_faces, tmp_path_factory):
                 ),
                 progress=False,
             ).run()
-        train_classifier(
-            ClassifierSettings(
-                data=synthetic_faces,
-                image_size=16,
-                backbone="test_resnet",
-                epochs=1,
-                batch_size=16,
-                device="cpu",
-                out=str(folder),
-                progress=False,
-            )
+        finished_classifier(
+            ClassifierRun(
+                ClassifierSettings(
+                    data=synthetic_faces,
+                    image_size=16,
+                    backbone="test_resnet",
+                    epochs=1,
+                    batch_size=16,
+                    device="cpu",
+                    out=str(folder),
+                    progress=False,
+                )
+            ).run()
         )
     return folder
 
@@ -640,10 +646,10 @@ def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
 
 # README "What happens when ...": the classifier was trained at another image size
 def test_a_classifier_of_another_image_size_is_recorded_and_said(runs, synthetic_faces, tmp_path):
-    path, _ = train_classifier(
+    path, _ = finished_classifier(ClassifierRun(
         ClassifierSettings(data=synthetic_faces, image_size=24, backbone="test_resnet",
                            max_steps=2, batch_size=16, out=str(tmp_path), progress=False)
-    )  # fmt: skip
+    ).run())  # fmt: skip
     [cvae] = [p for p in latest_runs(runs) if zoo.read_info(p).model_name == "cvae"]
     out = tmp_path / "results.json"
     done = CliRunner().invoke(app, [
@@ -788,12 +794,12 @@ def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
     checkpoint.parent.mkdir()
     shutil.copy(cvae, checkpoint)
     [tuner] = runs.glob("classifier-*/classifier.safetensors")
-    other, _ = train_classifier(
+    other, _ = finished_classifier(ClassifierRun(
         ClassifierSettings(
             data=synthetic_faces, image_size=16, backbone="test_resnet", epochs=1, batch_size=16,
             seed=1, balanced=False, device="cpu", out=str(tmp_path / "rulers"), progress=False,
         )
-    )  # fmt: skip
+    ).run())  # fmt: skip
     common = ["--n", "8", "--no-progress", "--device", "cpu"]
     tune = ["tune-edits", str(checkpoint), "--classifier", str(tuner), "--intensities", "1,2"]
     for bad, said in (("1,x", "not a comma-separated list"), ("0,2", r"numbers in (0, 10]")):

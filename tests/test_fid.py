@@ -95,15 +95,35 @@ def use_stand_in(monkeypatch, classifier, identity="classifier:stand-in:0001"):
 # -- the distance ----------------------------------------------------------------------------------
 
 
-def test_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
-    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+def frechet_by_hand(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The Fréchet distance of two sets of feature vectors from its formula, in float64:
+    |mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2)), covariances with n - 1."""
+    real, fake = real.double(), fake.double()
+    means = (real.mean(0) - fake.mean(0)).square().sum()
+    s_real, s_fake = real.T.cov(), fake.T.cov()
+    root = torch.linalg.eigvals(s_real @ s_fake).sqrt().real.sum()
+    return float(means + s_real.trace() + s_fake.trace() - 2 * root)
+
+
+def test_distance_is_zero_for_the_real_images_and_grows_with_a_shift(monkeypatch, valid, tmp_path):
+    """The metric as the benchmark runs it, on a model that draws the real images themselves,
+    then those images brightened by s: 0, then a distance that grows with s."""
+    vae, path = tiny_model("vae", valid, tmp_path)
     features = StandInFeatures()
-    same = fid.frechet_distance_of(features, [images[:20], images[20:]], [images])
-    shifted = [fid.frechet_distance_of(features, [images], [images + s]) for s in (0.1, 0.3, 0.9)]
-    assert abs(same) < 1e-3
-    assert 0 < shifted[0] < shifted[1] < shifted[2]
+    use_stand_in(monkeypatch, features)
+    real = valid.batch(torch.arange(8))[0]
+    distances = []
+    for shift in (0.0, 0.1, 0.3, 0.9):
+        fakes = real + shift
+        monkeypatch.setattr(vae, "generate", lambda n, y=None, *, generator=None, f=fakes: f[:n])
+        bench = context(vae, path, valid, fid_features="classifier", n=8, batch_size=8)
+        distances.append(fid.FrechetDistance().compute(bench)["value"])
+        expected = frechet_by_hand(features.features(real), features.features(fakes))
+        assert distances[-1] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert abs(distances[0]) < 1e-3
+    assert 0 < distances[1] < distances[2] < distances[3]
     # the mean term alone is s^2 |W^T 1|^2: the distance is not a constant
-    assert shifted[2] > 50 * shifted[0]
+    assert distances[3] > 50 * distances[1]
 
 
 # -- FD-attr: the classifier extractor, the protocol and the cache ---------------------------------
@@ -129,7 +149,8 @@ def test_fd_attr_matches_the_protocol_and_caches_real_statistics(monkeypatch, va
     with torch.inference_mode():
         fakes = [vae.generate(k, None, generator=generator) for k in (3, 3, 2)]
     real = valid.batch(torch.arange(8))[0]
-    expected = fid.frechet_distance_of(StandInFeatures(), [real], [f.clone() for f in fakes])
+    stand_in = StandInFeatures()
+    expected = frechet_by_hand(stand_in.features(real), stand_in.features(torch.cat(fakes)))
     assert first["value"] == pytest.approx(expected, rel=1e-4)
 
     # a second run (a new benchmark run: fresh tools) reuses the real statistics
