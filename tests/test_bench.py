@@ -20,7 +20,7 @@ from benchmarks.classifier_training import (
     finished_classifier,
 )
 from benchmarks.edits import INTENSITY_FILE, INTENSITY_FORMAT, EditAccuracy
-from benchmarks.fid import hub_weights_path
+from benchmarks.inception import hub_weights_path
 from benchmarks.metric import METRICS, BenchContext, BenchSettings
 from benchmarks.recon import Reconstruction
 from benchmarks.report import write_report

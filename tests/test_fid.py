@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import zoo
-from benchmarks import fid
+from benchmarks import fid, inception
 from benchmarks.metric import BenchContext, BenchSettings
 from zoo.data import cache_dir, load_data
 from zoo.errors import ZooError
@@ -279,8 +279,8 @@ def stand_in_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 def no_hub_weights(tmp_path, monkeypatch) -> Path:
     """An empty torch hub cache and no $ZOO_FID_WEIGHTS; returns where the hub file would be."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
-    return tmp_path / "torch-home" / "hub" / "checkpoints" / fid.INCEPTION_FILE
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    return tmp_path / "torch-home" / "hub" / "checkpoints" / inception.INCEPTION_FILE
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ def test_fid_weights_from_the_environment_and_the_hub_cache(
     weights, state = stand_in_weights
     accept(weights)
     vae, path = tiny_model("vae", valid, tmp_path)
-    monkeypatch.setenv(fid.WEIGHTS_ENV, str(weights))
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(weights))
     assert_same_weights(fid.extractor_for(context(vae, path, valid)), state)
 
     # the option wins over the environment, which wins over the hub cache
@@ -350,10 +350,10 @@ def test_fid_weights_from_the_environment_and_the_hub_cache(
     no_hub_weights.symlink_to(weights)
     other = tmp_path / "other.pth"
     other.write_bytes(b"")
-    assert fid.inception_weights_path(str(other)) == other
-    assert fid.inception_weights_path(None) == weights
-    monkeypatch.delenv(fid.WEIGHTS_ENV)
-    assert fid.inception_weights_path(None) == no_hub_weights
+    assert inception.inception_weights_path(str(other)) == other
+    assert inception.inception_weights_path(None) == weights
+    monkeypatch.delenv(inception.WEIGHTS_ENV)
+    assert inception.inception_weights_path(None) == no_hub_weights
 
 
 def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
@@ -366,7 +366,7 @@ def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
     assert "\n" not in message
     for part in (
         str(no_hub_weights),
-        fid.INCEPTION_URL,
+        inception.INCEPTION_URL,
         "--fid-weights PATH",
         "ZOO_FID_WEIGHTS=PATH",
         "--fid-features classifier",
@@ -374,7 +374,7 @@ def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
         assert part in message
     # a path given explicitly but absent is an error too, never a silent fall-through
     with pytest.raises(ZooError, match="--fid-weights .*nowhere.pth is not a file"):
-        fid.inception_weights_path(str(tmp_path / "nowhere.pth"))
+        inception.inception_weights_path(str(tmp_path / "nowhere.pth"))
 
 
 # README "What happens when": the FID weights file is not torch-fidelity's released one
@@ -389,8 +389,8 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
         raise AssertionError("the weights file was loaded before its sha256 was checked")
 
     with monkeypatch.context() as patch:
-        for owner, name in ((fid, "FrechetInceptionDistance"), (fid, "load_weights_only")):
-            patch.setattr(owner, name, load)
+        for name in ("FrechetInceptionDistance", "load_weights_only"):
+            patch.setattr(inception, name, load)
         patch.setattr(torch, "load", load)
         with pytest.raises(ZooError) as error:
             fid.FrechetDistance().compute(bench)
@@ -398,7 +398,7 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert "\n" not in message
     assert f"refusing {weights}: its sha256 is not that of torch-fidelity's released" in message
-    assert f"set ZOO_FID_WEIGHTS_SHA256={digest}" in message and fid.INCEPTION_URL in message
+    assert f"set ZOO_FID_WEIGHTS_SHA256={digest}" in message and inception.INCEPTION_URL in message
 
     # the override the line names: this file, chosen on purpose, is loaded (and said to be
     # not comparable with published FIDs)
@@ -419,8 +419,8 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
 
 def test_the_released_weights_sha256_is_the_one_their_name_carries():
     # torch.hub names a download by the first 8 hex digits of its sha256
-    assert fid.INCEPTION_FILE.removesuffix(".pth").endswith(fid.INCEPTION_SHA256[:8])
-    assert re.fullmatch("[0-9a-f]{64}", fid.INCEPTION_SHA256)
+    assert inception.INCEPTION_FILE.removesuffix(".pth").endswith(inception.INCEPTION_SHA256[:8])
+    assert re.fullmatch("[0-9a-f]{64}", inception.INCEPTION_SHA256)
 
 
 class Bomb:
@@ -491,7 +491,7 @@ def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, accept,
     truncated.write_bytes(weights.read_bytes()[:300])
     accept(truncated)
     with pytest.raises(ZooError, match="not a readable PyTorch weights file"):
-        fid.inception_fid(truncated)
+        inception.inception_fid(truncated)
 
 
 def test_without_torch_fidelity_the_standard_fid_names_the_extra(monkeypatch):
