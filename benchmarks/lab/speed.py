@@ -1,4 +1,4 @@
-"""Speed of training, measured honestly: ``python -m benchmarks.speed [--data DIR] [--only ...]``.
+"""Speed of training, measured honestly: ``python -m benchmarks.lab.speed [--data DIR] ...``.
 
 Prints (and with ``--out`` writes as JSON) five measurements of the default CVAE at 64 px,
 batch 64, on this machine:
