@@ -3,7 +3,7 @@
 Real images are the first ``--n`` images of the benchmark split; as many fakes are drawn from
 the prior with a seeded generator. A conditional model gets the labels of those real images, so
 the score measures conditional generation on the real label distribution. Features come from
-one of two extractors (``--fid-features``):
+one of two extractors (the option ``fid.features``; ``--fid-features`` is its alias):
 
 - ``inception`` (default): the 2048-d pool features of torch-fidelity's InceptionV3, the
   standard FID, on weights that are never downloaded and never unpickled
@@ -34,13 +34,15 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from benchmarks.classifier import weights_digest
 from benchmarks.inception import (
+    INCEPTION_FILE,
     INCEPTION_SHA256,
+    WEIGHTS_ENV,
     WEIGHTS_SHA256_ENV,
     inception_fid,
     inception_weights_path,
     require_torch_fidelity,
 )
-from benchmarks.metric import BenchContext, Metric, register_metric
+from benchmarks.metric import BenchContext, Metric, option, register_metric
 from zoo.checkpoint import FORMAT_KEY, FORMAT_VERSION, KIND_KEY, atomic_save, read_tensors_file
 from zoo.data import cache_dir
 from zoo.data.cache import image_progress
@@ -144,22 +146,29 @@ def metric_device(device: torch.device) -> torch.device:
 
 
 def extractor_for(context: BenchContext, choice: str | None = None) -> Extractor:
-    """The extractor ``--fid-features`` (or `choice`) asks for, built once per benchmark run."""
-    choice = choice or context.settings.fid_features
+    """The extractor option ``fid.features`` (or `choice`) asks for, built once per benchmark
+    run."""
+    options = context.options(FrechetDistance)
+    choice = choice or options.features
     if choice == "inception":
         require_torch_fidelity()
-        weights = inception_weights_path(context.settings.fid_weights).resolve()
+        weights = inception_weights_path(options.weights).resolve()
         stat = weights.stat()
-        key = f"fid:inception:{weights}:{stat.st_size}:{stat.st_mtime_ns}"
-        return context.shared(
-            key, lambda: _inception_extractor(weights, metric_device(context.device))
+        return context.memo.get(
+            "fid-extractor",
+            "inception",
+            str(weights),
+            stat.st_size,
+            stat.st_mtime_ns,
+            build=lambda: _inception_extractor(weights, metric_device(context.device)),
         )
     if choice == "classifier":
         classifier, info, features = _classifier(context)  # it resizes images to its size
         device = metric_device(context.device)
-        return context.shared(
-            f"fid:{features}",
-            lambda: Extractor(
+        return context.memo.get(
+            "fid-extractor",
+            features,
+            build=lambda: Extractor(
                 name="FD-attr",
                 features=features,
                 identity=features,
@@ -286,6 +295,19 @@ class FrechetDistance(Metric):
     """Fréchet distance of generated to real images: FID (Inception) or FD-attr (classifier)."""
 
     title = "FID"
+
+    @dataclass(frozen=True)
+    class Options:
+        features: str = option(
+            "inception",
+            "Features the distance is measured in: inception (the standard FID; the inception "
+            "extra and its weights file) or classifier (FD-attr; offline).",
+            choices=FEATURE_CHOICES,
+        )
+        weights: str | None = option(
+            None,
+            f"Path of {INCEPTION_FILE} (none: ${WEIGHTS_ENV}, else the torch hub cache).",
+        )
 
     def compute(self, context: BenchContext) -> dict[str, Any]:
         started = time.perf_counter()

@@ -11,12 +11,13 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from benchmarks.metric import BenchContext, Metric, register_metric
-from zoo.device import autocast, resolve_precision
+from benchmarks.metric import BenchContext, Metric, option, register_metric
+from zoo.device import PRECISIONS, autocast, resolve_precision
 from zoo.errors import ZooError
 
 WARMUP_CALLS = 5  # oneDNN picks bf16 kernels over the first few calls
@@ -51,14 +52,25 @@ def time_call(
 @register_metric("throughput")
 class Throughput(Metric):
     """Median images/s of encode, decode, generate and a training step at a stated batch size,
-    in the precision training uses (``--precision``, auto by default)."""
+    in the precision training uses (the option ``throughput.precision``)."""
 
     title = "Throughput"
 
+    @dataclass(frozen=True)
+    class Options:
+        batch_size: int = option(64, "Images per timed call.", low=1, high=65536)
+        repeats: int = option(5, "Timed calls per operation; the median is reported.", low=1)
+        precision: str = option(
+            "auto",
+            "Precision of the timed calls, as zoo train chooses it (quality metrics run in fp32).",
+            choices=("auto", *PRECISIONS),
+        )
+
     def compute(self, context: BenchContext) -> dict[str, Any]:
         settings, device, model = context.settings, context.device, context.model.eval()
-        precision = resolve_precision(device, settings.precision)
-        batch = settings.throughput_batch_size
+        options = context.options(self)
+        precision = resolve_precision(device, options.precision)
+        batch = options.batch_size
         index = torch.arange(batch) % len(context.data)
         images, _ = context.data.batch(index, device)
         labels = context.labels
@@ -88,13 +100,13 @@ class Throughput(Metric):
         rates, medians, peaks = {}, {}, {}
         for name, call in operations.items():
             with autocast(device, precision):
-                median, peak = time_call(call, device, settings.throughput_repeats)
+                median, peak = time_call(call, device, options.repeats)
             rates[name] = batch / median
             medians[name] = median * 1000
             peaks[name] = peak
         return {
             "batch_size": batch,
-            "repeats": settings.throughput_repeats,
+            "repeats": options.repeats,
             "warmup_calls": WARMUP_CALLS,
             "device": str(device),
             "precision": precision,
@@ -107,8 +119,8 @@ class Throughput(Metric):
         }
 
     def data_used(self, context: BenchContext) -> dict[str, Any]:
-        """The first ``--throughput-batch-size`` images of the split (repeated if it is smaller)."""
-        return context.data_record(min(context.settings.throughput_batch_size, len(context.data)))
+        """The first ``throughput.batch_size`` images of the split (repeated if it is smaller)."""
+        return context.data_record(min(context.options(self).batch_size, len(context.data)))
 
     def _feature_extractors(
         self, context: BenchContext, images: torch.Tensor

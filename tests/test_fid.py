@@ -77,6 +77,9 @@ def tiny_model(name: str, data, tmp_path: Path):
 
 
 def context(model, path, data, **settings) -> BenchContext:
+    """A benchmark context; ``features`` and ``weights`` are the fid metric's options."""
+    names = {field.name for field in dataclasses.fields(fid.FrechetDistance.Options)}
+    options = {name: settings.pop(name) for name in names & set(settings)}
     return BenchContext(
         model=model,
         checkpoint=path,
@@ -84,6 +87,7 @@ def context(model, path, data, **settings) -> BenchContext:
         data=data,
         settings=BenchSettings(progress=False, **settings),
         device=torch.device("cpu"),
+        metric_options={"fid": fid.FrechetDistance.Options(**options)},
     )
 
 
@@ -116,7 +120,7 @@ def test_distance_is_zero_for_the_real_images_and_grows_with_a_shift(monkeypatch
     for shift in (0.0, 0.1, 0.3, 0.9):
         fakes = real + shift
         monkeypatch.setattr(vae, "generate", lambda n, y=None, *, generator=None, f=fakes: f[:n])
-        bench = context(vae, path, valid, fid_features="classifier", n=8, batch_size=8)
+        bench = context(vae, path, valid, features="classifier", n=8, batch_size=8)
         distances.append(fid.FrechetDistance().compute(bench)["value"])
         expected = frechet_by_hand(features.features(real), features.features(fakes))
         assert distances[-1] == pytest.approx(expected, rel=1e-4, abs=1e-3)
@@ -133,7 +137,7 @@ def test_fd_attr_matches_the_protocol_and_caches_real_statistics(monkeypatch, va
     vae, path = tiny_model("vae", valid, tmp_path)
     classifier = StandInFeatures()
     use_stand_in(monkeypatch, classifier)
-    settings = {"fid_features": "classifier", "n": 8, "batch_size": 3, "seed": 5}
+    settings = {"features": "classifier", "n": 8, "batch_size": 3, "seed": 5}
 
     first = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     assert classifier.images_seen == 16  # 8 real, 8 generated
@@ -176,7 +180,7 @@ def test_fd_attr_with_a_real_attribute_classifier_file(valid, tmp_path):
     classifier_path = tmp_path / "classifier.safetensors"
     save_classifier(classifier_path, classifier, data=valid.describe())
     vae, path = tiny_model("vae", valid, tmp_path)
-    settings = {"fid_features": "classifier", "classifiers": [str(classifier_path)], "n": 4}
+    settings = {"features": "classifier", "classifiers": [str(classifier_path)], "n": 4}
     result = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     digest = hashlib.sha256(classifier_path.read_bytes()).hexdigest()[:16]
     assert result["features"] == f"classifier:test_resnet:{digest}"
@@ -186,7 +190,7 @@ def test_fd_attr_with_a_real_attribute_classifier_file(valid, tmp_path):
 def test_a_damaged_statistics_cache_is_recomputed(monkeypatch, valid, tmp_path):
     vae, path = tiny_model("vae", valid, tmp_path)
     use_stand_in(monkeypatch, StandInFeatures())
-    settings = {"fid_features": "classifier", "n": 5}
+    settings = {"features": "classifier", "n": 5}
     first = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     [stats] = (cache_dir() / fid.STATS_DIR).glob("*.safetensors")
     stats.write_bytes(b"not a safetensors file")
@@ -206,7 +210,7 @@ def test_conditional_models_generate_with_the_real_labels(monkeypatch, valid, tm
         return generate(n, y, generator=generator)
 
     monkeypatch.setattr(cvae, "generate", recording_generate)
-    bench = context(cvae, path, valid, fid_features="classifier", n=7, batch_size=3)
+    bench = context(cvae, path, valid, features="classifier", n=7, batch_size=3)
     result = fid.FrechetDistance().compute(bench)
 
     assert [n for n, _, _ in calls] == [3, 3, 1]
@@ -226,7 +230,7 @@ def test_unconditional_models_get_no_labels(monkeypatch, valid, tmp_path):
     monkeypatch.setattr(
         vae, "generate", lambda n, y=None, *, generator=None: seen.append(y) or generate(n, y)
     )
-    fid.FrechetDistance().compute(context(vae, path, valid, fid_features="classifier", n=4))
+    fid.FrechetDistance().compute(context(vae, path, valid, features="classifier", n=4))
     assert seen == [None]
 
 
@@ -234,9 +238,9 @@ def test_settings_that_cannot_give_a_distance_are_errors(monkeypatch, valid, tmp
     vae, path = tiny_model("vae", valid, tmp_path)
     use_stand_in(monkeypatch, StandInFeatures())
     with pytest.raises(ZooError, match="unknown --fid-features 'pixels'"):
-        fid.FrechetDistance().compute(context(vae, path, valid, fid_features="pixels"))
+        fid.FrechetDistance().compute(context(vae, path, valid, features="pixels"))
     with pytest.raises(ZooError, match="at least 2 images"):
-        fid.FrechetDistance().compute(context(vae, path, valid, fid_features="classifier", n=1))
+        fid.FrechetDistance().compute(context(vae, path, valid, features="classifier", n=1))
 
 
 # -- FID: the Inception weights --------------------------------------------------------------------
@@ -321,10 +325,10 @@ def test_fid_with_weights_from_the_option_end_to_end(
     monkeypatch.setattr(
         vae, "generate", lambda n, y=None, *, generator=None: drawn.expand(n, -1, -1, -1)
     )
-    bench = context(vae, path, data, fid_weights=str(weights))
+    bench = context(vae, path, data, weights=str(weights))
     result = fid.FrechetDistance().compute(bench)
 
-    [extractor] = [tool for tool in bench.tools.values() if isinstance(tool, fid.Extractor)]
+    extractor = fid.extractor_for(bench)  # the one the metric built: made once per run
     assert_same_weights(extractor, state)
     with torch.no_grad():  # the two faces through Inception directly, in one batch
         real, fake = extractor.metric.inception(fid.to_uint8_rgb(valid.batch(torch.arange(2))[0]))
@@ -383,7 +387,7 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
 ):
     weights, state = stand_in_weights
     vae, path = tiny_model("vae", valid, tmp_path)
-    bench = context(vae, path, valid, fid_weights=str(weights))
+    bench = context(vae, path, valid, weights=str(weights))
 
     def load(*args, **kwargs):
         raise AssertionError("the weights file was loaded before its sha256 was checked")
@@ -403,7 +407,7 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
     # the override the line names: this file, chosen on purpose, is loaded (and said to be
     # not comparable with published FIDs)
     monkeypatch.setenv("ZOO_FID_WEIGHTS_SHA256", digest.upper())
-    extractor = fid.extractor_for(context(vae, path, valid, fid_weights=str(weights)))
+    extractor = fid.extractor_for(context(vae, path, valid, weights=str(weights)))
     assert_same_weights(extractor, state)
     assert extractor.details == {"weights_sha256": digest}
 
@@ -411,10 +415,10 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
     other = tmp_path / "other.pth"
     other.write_bytes(weights.read_bytes() + b"\0")
     with pytest.raises(ZooError, match=f"not the {digest} that .ZOO_FID_WEIGHTS_SHA256 asks"):
-        fid.extractor_for(context(vae, path, valid, fid_weights=str(other)))
+        fid.extractor_for(context(vae, path, valid, weights=str(other)))
     monkeypatch.setenv("ZOO_FID_WEIGHTS_SHA256", digest[:8])
     with pytest.raises(ZooError, match=r"ZOO_FID_WEIGHTS_SHA256 must be the 64 hex digits"):
-        fid.extractor_for(context(vae, path, valid, fid_weights=str(weights)))
+        fid.extractor_for(context(vae, path, valid, weights=str(weights)))
 
 
 def test_the_released_weights_sha256_is_the_one_their_name_carries():
@@ -461,7 +465,7 @@ def test_a_weights_file_that_runs_code_is_refused_unopened(
     else:
         bomb.write_bytes(pickle.dumps(Bomb(marker)))
     vae, path = tiny_model("vae", valid, tmp_path)
-    bench = context(vae, path, valid, fid_weights=str(bomb), n=3)
+    bench = context(vae, path, valid, weights=str(bomb), n=3)
 
     # refused by its sha256; and even when a user accepts that sha256, never unpickled
     with pytest.raises(ZooError, match=r"refusing .*weights\.pth: its sha256 is not"):
@@ -485,7 +489,7 @@ def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, accept,
     with pytest.raises(
         ZooError, match="does not hold torch-fidelity's InceptionV3 weights"
     ) as error:
-        fid.FrechetDistance().compute(context(vae, path, valid, fid_weights=str(weights), n=3))
+        fid.FrechetDistance().compute(context(vae, path, valid, weights=str(weights), n=3))
     assert "\n" not in str(error.value)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(weights.read_bytes()[:300])
@@ -502,4 +506,4 @@ def test_without_torch_fidelity_the_standard_fid_names_the_extra(monkeypatch):
         lambda name, *args: None if name == "torch_fidelity" else real_find_spec(name, *args),
     )
     with pytest.raises(ZooError, match=r"pip install 'zoo\[inception\]', or use --fid-features"):
-        fid.extractor_for(SimpleNamespace(settings=SimpleNamespace(fid_weights=None)), "inception")
+        fid.extractor_for(SimpleNamespace(options=lambda metric: metric.Options()), "inception")
