@@ -37,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 import zoo
+from benchmarks.metric import BenchSettings
 from zoo.data import IMAGE_SIZE, MNIST_IMAGE_SIZE
 from zoo.errors import ZooError
 from zoo.model import ModelConfig
@@ -854,6 +855,30 @@ def grid(
     _wrote(latent_grid_figure(model, n=n, assignments=assignments).save(out), f"{n}x{n} grid")
 
 
+BENCH = BenchSettings()  # the defaults the help of `zoo bench` and `zoo tune-edits` names
+
+
+def _alias(key: str) -> str:
+    """The help of a flag kept as an alias of a metric option."""
+    return f"Same as --option {key}=VALUE (see --help-metric {key.partition('.')[0]})."
+
+
+def _print_metric_options(name: str) -> None:
+    from benchmarks.metric import METRICS, option_rows
+
+    rows = option_rows(name)
+    entry = METRICS.entry(name)
+    summary = " ".join((inspect.getdoc(entry.cls) or "").split("\n\n")[0].split())
+    console.print(f"{name} ({entry.source}): {summary}", soft_wrap=True)
+    if not rows:
+        console.print(f"{name} has no options of its own.", soft_wrap=True)
+        return
+    console.print(f"options, set with --option {name}.NAME=VALUE:", soft_wrap=True)
+    for option, takes, default, help_text in rows:
+        console.print(f"  {name}.{option}: {takes}; default {default}", soft_wrap=True)
+        console.print(f"      {help_text}", soft_wrap=True)
+
+
 @app.command()
 @user_errors
 def bench(
@@ -865,6 +890,18 @@ def bench(
         list[str] | None,
         typer.Option(help="fid, recon, edit, throughput or a plugin metric (default: all)."),
     ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            metavar="METRIC.NAME=VALUE",
+            help="A metric's own option, repeatable (see --help-metric METRIC).",
+        ),
+    ] = None,
+    help_metric: Annotated[
+        str | None,
+        typer.Option(metavar="METRIC", help="List a metric's options with their defaults, exit."),
+    ] = None,
     data: DataOption = None,
     split: Annotated[
         str | None,
@@ -873,13 +910,15 @@ def bench(
     n: Annotated[
         int | None, typer.Option("--n", help="Images of the split (default: all)."), COUNT
     ] = None,
-    seed: SeedOption = 0,
-    batch_size: Annotated[int, typer.Option(help="Batch size for evaluation."), BATCH_SIZES] = 64,
-    fid_features: Annotated[
-        str, typer.Option(help="inception (standard FID) or classifier (offline FD-attr).")
-    ] = "inception",
-    fid_weights: Annotated[
-        str | None, typer.Option(help="Path of weights-inception-2015-12-05-6726825d.pth.")
+    seed: Annotated[
+        int | None,
+        typer.Option(help=f"Seed of the generated images (default: {BENCH.seed})."),
+        SEEDS,
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=f"Batch size for evaluation (default: {BENCH.batch_size})."),
+        BATCH_SIZES,
     ] = None,
     classifier: Annotated[
         list[str] | None,
@@ -887,54 +926,79 @@ def bench(
             help="Attribute classifier file, repeatable: the ruler panel (default: all found)."
         ),
     ] = None,
-    edit_strength: StrengthOption = 1.0,
+    fid_features: Annotated[
+        str | None, typer.Option(metavar="TEXT", help=_alias("fid.features"))
+    ] = None,
+    fid_weights: Annotated[
+        str | None, typer.Option(metavar="PATH", help=_alias("fid.weights"))
+    ] = None,
+    edit_strength: Annotated[
+        str | None, typer.Option(metavar="FLOAT", help=_alias("edit.strength"))
+    ] = None,
     edit_intensity: Annotated[
-        float | None,
-        typer.Option(
-            help="Scale of every edit: label change or concept shift (default: the zoo "
-            "tune-edits intensities beside the checkpoint, else 1)."
-        ),
-        Bounds(),
+        str | None, typer.Option(metavar="FLOAT", help=_alias("edit.intensity"))
     ] = None,
     throughput_batch_size: Annotated[
-        int, typer.Option(help="Batch size for throughput."), BATCH_SIZES
-    ] = 64,
+        str | None, typer.Option(metavar="INTEGER", help=_alias("throughput.batch_size"))
+    ] = None,
     precision: Annotated[
-        str, typer.Option(help="Precision of the throughput numbers: auto, fp32 or bf16.")
-    ] = "auto",
-    runs: Annotated[Path, typer.Option(help="Folder of runs to search.")] = Path("runs"),
+        str | None, typer.Option(metavar="TEXT", help=_alias("throughput.precision"))
+    ] = None,
+    runs: Annotated[
+        Path | None, typer.Option(help=f"Folder of runs to search (default: {BENCH.runs_dir}).")
+    ] = None,
     out: Annotated[
         Path,
         typer.Option(help="JSON report; a Markdown table is written beside it."),
         Writable("file"),
     ] = Path("results.json"),
-    device: DeviceOption = "auto",
-    progress: ProgressOption = True,
+    device: Annotated[
+        str | None,
+        typer.Option(help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N (default: {BENCH.device})."),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(help=f"Show progress bars (default: {'on' if BENCH.progress else 'off'})."),
+    ] = None,
 ) -> None:
     """Benchmark checkpoints: FID, reconstruction, attribute-edit accuracy and throughput."""
-    from benchmarks.metric import BenchSettings, select_metrics
+    from benchmarks.metric import OptionValue, resolve_options, select_metrics
     from benchmarks.report import leaderboard, update_model_cards, write_report
     from benchmarks.runner import latest_runs, run_bench
+    from zoo.config import with_overrides
 
-    settings = BenchSettings(
+    if help_metric is not None:
+        _print_metric_options(help_metric)
+        return
+    aliases = {
+        "--fid-features": ("fid", "features", fid_features),
+        "--fid-weights": ("fid", "weights", fid_weights),
+        "--edit-strength": ("edit", "strength", edit_strength),
+        "--edit-intensity": ("edit", "intensity", edit_intensity),
+        "--throughput-batch-size": ("throughput", "batch_size", throughput_batch_size),
+        "--precision": ("throughput", "precision", precision),
+    }
+    given = [OptionValue.parse(text) for text in option or []]
+    given += [
+        OptionValue(metric_name, name, value, flag)
+        for flag, (metric_name, name, value) in aliases.items()
+        if value is not None
+    ]
+    options = resolve_options(given)
+    settings = with_overrides(
+        BenchSettings,
         split=split,
         n=n,
         seed=seed,
         batch_size=batch_size,
         device=device,
         data=data,
-        fid_features=fid_features,
-        fid_weights=fid_weights,
-        classifiers=classifier or [],
-        runs_dir=str(runs),
-        edit_strength=edit_strength,
-        edit_intensity=edit_intensity,
-        throughput_batch_size=throughput_batch_size,
-        precision=precision,
+        classifiers=classifier,
+        runs_dir=None if runs is None else str(runs),
         progress=progress,
     )
     metrics = select_metrics(metric)
-    report = run_bench(checkpoints or latest_runs(runs), metrics, settings)
+    report = run_bench(checkpoints or latest_runs(settings.runs_dir), metrics, settings, options)
     header, rows = leaderboard(report)
     table = plain_table(f"zoo bench on {report.splits} (device {report.device})")
     for column in header:
@@ -991,15 +1055,26 @@ def tune_edits(
         typer.Option(help="Least mean preservation an attribute's intensity may cost."),
         Bounds(0, 1),
     ] = 0.9,
-    batch_size: Annotated[int, typer.Option(help="Batch size for evaluation."), BATCH_SIZES] = 64,
-    device: DeviceOption = "auto",
-    progress: ProgressOption = True,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=f"Batch size for evaluation (default: {BENCH.batch_size})."),
+        BATCH_SIZES,
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N (default: {BENCH.device})."),
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(help=f"Show progress bars (default: {'on' if BENCH.progress else 'off'})."),
+    ] = None,
 ) -> None:
     """Choose each attribute's edit intensity on a validation split with a panel of rulers,
     and store it beside the checkpoint for zoo bench."""
     from benchmarks.edits import save_tuned_intensities, tune_intensities
-    from benchmarks.metric import BenchContext, BenchSettings
+    from benchmarks.metric import BenchContext, Memo
     from benchmarks.runner import benchmark_split
+    from zoo.config import with_overrides
     from zoo.device import pick_device
 
     try:
@@ -1008,7 +1083,8 @@ def tune_edits(
         raise ZooError(
             f"--intensities {intensities!r} is not a comma-separated list of numbers"
         ) from None
-    settings = BenchSettings(
+    settings = with_overrides(
+        BenchSettings,
         split=split,
         n=n,
         batch_size=batch_size,
@@ -1017,10 +1093,11 @@ def tune_edits(
         classifiers=classifier,
         progress=progress,
     )
-    model = _load(checkpoint, device)
+    model = _load(checkpoint, settings.device)
     info = model.checkpoint_info
+    data_split = benchmark_split(Memo(), info, settings)
     context = BenchContext(
-        model, checkpoint, info, benchmark_split({}, info, settings), settings, pick_device(device)
+        model, checkpoint, info, data_split, settings, pick_device(settings.device)
     )
     record = tune_intensities(context, grid, min_preservation)
     table = plain_table(

@@ -214,21 +214,13 @@ class AttributeClassifier(nn.Module):
             parts = [fn(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
         finally:
             self.train(was_training)
-        if parts:
-            return torch.cat(parts)
-        width = self.num_features if fn == self.features else len(self.attr_names)
-        return torch.zeros(0, width)
+        return torch.cat(parts) if parts else torch.zeros(0, len(self.attr_names))
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """N x A float in {0, 1} (logit > 0), in eval mode, batched on the module's device;
         returned on the CPU."""
         return self._batched(lambda b: (self(b) > 0).float(), x, batch_size)
-
-    @torch.inference_mode()
-    def extract_features(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """``features`` in eval mode, batched on the module's device; returned on the CPU."""
-        return self._batched(self.features, x, batch_size)
 
 
 # -- files ---------------------------------------------------------------------------------------

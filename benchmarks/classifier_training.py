@@ -198,7 +198,15 @@ def _training_and_evaluation_data(
 
 class ClassifierRun(TrainingRun):
     """A classifier's training run: AdamW with a cosine decay, weighted BCE, random shifts,
-    and an evaluation at every epoch end (not counted as training time)."""
+    and an evaluation at every epoch end (not counted as training time).
+
+    It writes ``<out>/classifier-<time>/``: ``classifier.safetensors`` (weights, data identity,
+    the evaluation on ``eval_split`` and a training summary), ``metrics.jsonl`` (loss and
+    images/s per logging window, evaluation after every epoch), ``config.json`` and
+    ``train_state.safetensors``. Data order and flips are a function of (seed, epoch) and the
+    RNG state is saved, so a run is reproducible on CPU and a resumed run continues exactly.
+    `finished_classifier` names the file a finished run wrote.
+    """
 
     name = "classifier"
     command = "train-classifier"
@@ -354,22 +362,6 @@ class ClassifierRun(TrainingRun):
 def classifier_resume_settings(run_dir: Path, **overrides: Any) -> ClassifierSettings:
     """The settings a classifier run was started with, with step budgets optionally extended."""
     return stored_settings(run_dir, ClassifierSettings, **overrides)
-
-
-def train_classifier(
-    settings: ClassifierSettings, resume: Path | None = None
-) -> tuple[Path, ClassifierInfo]:
-    """Train an attribute classifier from scratch (or continue ``resume``); write
-    ``<out>/classifier-<time>/``.
-
-    The run folder holds ``classifier.safetensors`` (weights, data identity, the evaluation on
-    ``eval_split`` and a training summary), ``metrics.jsonl`` (loss and images/s per logging
-    window, evaluation after every epoch), ``config.json`` and ``train_state.safetensors``.
-    Data order and flips are a function of (seed, epoch) and the RNG state is saved, so a run
-    is reproducible on CPU and a resumed run continues exactly.
-    """
-    result = ClassifierRun(settings, resume=resume).run()
-    return finished_classifier(result)
 
 
 def finished_classifier(result: RunResult) -> tuple[Path, ClassifierInfo]:

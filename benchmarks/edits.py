@@ -19,12 +19,12 @@ Preservation is the mean over the panel. Each ruler's balanced accuracy on the s
 reported beside every attribute, and the agreed accuracy is also given over the attributes
 every ruler reads reliably (balanced accuracy >= `TRUSTED_RULER`).
 
-The edit intensity is ``--edit-intensity`` when given, else the per-attribute intensities
-`zoo tune-edits` chose on a validation split (``edit_intensity.json`` beside the checkpoint),
-else 1. Intensities tuned with a ruler were chosen against it, so that ruler never scores
-them (nor a copy of it: rulers are identified by the sha256 of their weights), and they are
-never scored on the split they were tuned on. Conditional models also get a picture: a few
-images with each attribute flipped alone.
+The edit intensity is the option ``edit.intensity`` (alias ``--edit-intensity``) when
+given, else the per-attribute intensities `zoo tune-edits` chose on a validation split
+(``edit_intensity.json`` beside the checkpoint), else 1. Intensities tuned with a ruler were
+chosen against it, so that ruler never scores them (nor a copy of it: rulers are identified
+by the sha256 of their weights), and they are never scored on the split they were tuned on.
+Conditional models also get a picture: a few images with each attribute flipped alone.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.metric import BenchContext, Metric, register_metric
+from benchmarks.metric import BenchContext, Metric, option, register_metric
 from zoo.data import checkpoint_data
 from zoo.errors import ZooError
 from zoo.figures import flip_figure
@@ -106,9 +106,10 @@ def bench_concept(context: BenchContext, attribute: str) -> Concept:
     current = stored is not None and stored.checkpoint_digest == file_digest(context.checkpoint)
     if current and stored.split == "train":
         return stored
-    train = context.shared(
-        f"train-split:{context.checkpoint}",
-        lambda: checkpoint_data(context.info, "train", source=context.data.source),
+    train = context.memo.get(
+        "train-split",
+        str(context.checkpoint),
+        build=lambda: checkpoint_data(context.info, "train", source=context.data.source),
     )
     concept = compute_concept(context.model, train, attribute, context.info)
     if current:
@@ -186,11 +187,11 @@ def read_tuned_intensities(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def edit_intensities(context: BenchContext, names: list[str]) -> Intensities:
-    """``--edit-intensity`` for every attribute when given; else the tuned intensities beside
-    the checkpoint if they were tuned for this very file (an attribute it lacks gets 1); else
-    1 everywhere."""
-    if context.settings.edit_intensity is not None:
-        value = context.settings.edit_intensity
+    """The option ``edit.intensity`` (alias ``--edit-intensity``) for every attribute when
+    given; else the tuned intensities beside the checkpoint if they were tuned for this very
+    file (an attribute it lacks gets 1); else 1 everywhere."""
+    value = context.options(EditAccuracy).intensity
+    if value is not None:
         return Intensities(dict.fromkeys(names, value), "--edit-intensity")
     record = read_tuned_intensities(context.checkpoint)
     if record is None:
@@ -249,6 +250,7 @@ def score_edits(
     is made blond) is meant to change, so it does not count against the edit.
     """
     model = context.model
+    strength = context.options(EditAccuracy).strength
     columns = [[ruler.attr_names.index(name) for name in names] for ruler in rulers]
     flipped = 1.0 - truth
     z = encode_means(model, images, labels)
@@ -267,7 +269,7 @@ def score_edits(
             new_labels = with_attribute(labels, name, flipped[:, i].to(labels), attr_names)
             edited = decode(model, z, scale_edit(labels, new_labels, intensities[name]))
         else:
-            scale = context.settings.edit_strength * intensities[name]
+            scale = strength * intensities[name]
             direction = (2 * flipped[:, i] - 1)[:, None] * scale * vectors[name]
             edited = decode(model, z + direction, None)
         kept = with_attribute(truth, name, flipped[:, i], names) == truth
@@ -321,9 +323,12 @@ def _mean(values: list[float]) -> float:
 def _ruler_evaluation(context: BenchContext, classifier: Any, info: Any) -> dict[str, Any]:
     from benchmarks.classifier import evaluate_classifier
 
-    return context.shared(
-        f"classifier-eval:{info.path}:{context.data.fingerprint}:{context.data.split}",
-        lambda: evaluate_classifier(classifier, context.data),
+    return context.memo.get(
+        "classifier-evaluation",
+        str(info.path),
+        context.data.fingerprint,
+        context.data.split,
+        build=lambda: evaluate_classifier(classifier, context.data),
     )
 
 
@@ -334,9 +339,21 @@ class EditAccuracy(Metric):
 
     title = "Edit accuracy"
 
+    @dataclass(frozen=True)
+    class Options:
+        strength: float = option(
+            1.0, "Concept-vector multiplier of unconditional models' edits (z + s * v)."
+        )
+        intensity: float | None = option(
+            None,
+            "Scale of every edit: label change or concept shift (none: the zoo tune-edits "
+            "intensities beside the checkpoint, else 1).",
+        )
+
     def compute(self, context: BenchContext) -> dict[str, Any]:
         from benchmarks.classifier import ruler_record
 
+        options = context.options(self)
         rulers = context.rulers()
         model = context.model.eval()
         names = edited_attributes(context, rulers)
@@ -375,11 +392,7 @@ class EditAccuracy(Metric):
             )
             figure = flip_figure(model, faces, names, intensity=intensities.values)
             context.figures.append(("edits", figure))
-        method = (
-            "label swap"
-            if model.conditional
-            else f"concept vector x{context.settings.edit_strength:g}"
-        )
+        method = "label swap" if model.conditional else f"concept vector x{options.strength:g}"
         return {
             "n": context.count,
             "attributes": names,

@@ -2,18 +2,29 @@
 
 A metric is a class registered under a name (built-ins here, third parties
 through the ``zoo.metrics`` entry-point group). It receives a `BenchContext`
-(one model, its checkpoint, the benchmark split, the settings) and returns a
-JSON-serialisable dict of numbers with the settings that produced them. A
+(one model, its checkpoint, the benchmark split, the settings every metric shares) and
+returns a JSON-serialisable dict of numbers with the settings that produced them. A
 metric that cannot be computed raises `ZooError` with the reason; the runner
 records it (any other exception too, with its type), goes on with the other
 metrics and exits non-zero at the end. `select_metrics` says which metrics a plain
 `zoo bench` runs: every registered one, built-ins first, plugins after.
+
+What only one metric reads is that metric's own option, declared with it: a dataclass
+`Metric.Options` whose fields (int, float, str or bool, each optionally ``| None``) carry
+their default and help (`option`). ``zoo bench --option METRIC.NAME=VALUE`` sets one
+(`resolve_options`), ``zoo bench --help-metric METRIC`` lists them (`option_rows`), and
+``context.options(self)`` gives a metric its resolved instance; the runner records it
+with the metric's result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+import math
+import types
+import typing
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,24 +43,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BenchSettings:
-    """Everything that defines a benchmark run; recorded with every number."""
+    """What every metric of a benchmark run shares; recorded with every number. A metric's
+    own settings are its `Metric.Options`."""
 
     split: str | None = None  # None: the data's test split if it has one, else valid
     n: int | None = None  # images of the split to use (None: all)
-    seed: int = 0
-    batch_size: int = 64
+    seed: int = 0  # of the generated images
+    batch_size: int = 64  # of evaluation
     device: str = "auto"
     data: str | None = None  # override the checkpoints' own data
-    fid_features: str = "inception"  # "inception" or "classifier"
-    fid_weights: str | None = None
     classifiers: list[str] = field(default_factory=list)  # the ruler panel; default: found
     runs_dir: str = "runs"
-    edit_strength: float = 1.0  # concept-vector multiplier (unconditional models)
-    edit_intensity: float | None = None  # scale of every edit; None: tuned, else 1
-    throughput_batch_size: int = 64
-    precision: str = "auto"  # of the throughput measurements; quality metrics run in fp32
-    throughput_repeats: int = 5
     progress: bool = True
+
+
+class Memo:
+    """What a benchmark run builds once and reuses across metrics and models (a classifier,
+    an FID extractor, a data split, a note said once), keyed by its kind and the parts that
+    identify it."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[Hashable, ...], Any] = {}
+
+    def get(self, kind: str, *parts: Hashable, build: Callable[[], Any]) -> Any:
+        """The value of ``(kind, *parts)``, built by ``build`` the first time it is asked for."""
+        key = (kind, *parts)
+        if key not in self._values:
+            self._values[key] = build()
+        return self._values[key]
 
 
 @dataclass
@@ -62,8 +83,16 @@ class BenchContext:
     data: ImageData  # the benchmark split, preprocessed as the model was trained
     settings: BenchSettings
     device: torch.device
-    tools: dict[str, Any] = field(default_factory=dict)  # shared across models (classifier, ...)
+    metric_options: dict[str, Any] = field(default_factory=dict)  # by metric name; see options
+    memo: Memo = field(default_factory=Memo)  # shared across models (classifier, ...)
     figures: list[tuple[str, Figure]] = field(default_factory=list)  # (name, picture) to write
+
+    def options(self, metric: Metric | type[Metric]) -> Any:
+        """The metric's `Metric.Options` for this run: as ``--option`` set them, else the
+        defaults. A metric may read another's (throughput times FID's extractors)."""
+        cls = metric if isinstance(metric, type) else type(metric)
+        given = self.metric_options.get(cls.registry_name)
+        return given if given is not None else cls.Options()
 
     @property
     def labels(self) -> torch.Tensor | None:
@@ -115,12 +144,16 @@ class BenchContext:
             )
         panel = []
         for path in paths:
-            classifier, info = self.shared(
-                f"classifier:{path}", lambda path=path: load_classifier(path, self.device)
+            classifier, info = self.memo.get(
+                "classifier", path, build=lambda path=path: load_classifier(path, self.device)
             )
             if info.image_size != size:  # said once per classifier and size in a benchmark run
-                note = f"classifier-size:{path}:{size}"
-                self.shared(note, lambda info=info: self._resized_note(info, size))
+                self.memo.get(
+                    "classifier-size-note",
+                    path,
+                    size,
+                    build=lambda info=info: self._resized_note(info, size),
+                )
             panel.append((classifier, info))
         return panel
 
@@ -138,27 +171,86 @@ class BenchContext:
             info.path, info.image_size, size, size, root, size,
         )  # fmt: skip
 
-    def shared(self, key: str, build: Callable[[], Any]) -> Any:
-        """Build a tool once per benchmark run (e.g. the attribute classifier) and reuse it."""
-        if key not in self.tools:
-            self.tools[key] = build()
-        return self.tools[key]
+
+OPTION_TYPES = (int, float, str, bool)
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] = (),
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
+    """A field of a metric's `Metric.Options`: its default, the help ``--help-metric``
+    shows, and optionally the values it takes (``choices``, or a number in [low, high])."""
+    metadata = {"help": help, "choices": choices, "low": low, "high": high}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class _OptionType:
+    """A metric option's declared type: int, float, str or bool, and whether None is allowed."""
+
+    kind: type
+    optional: bool
+
+    @classmethod
+    def of(cls, hint: Any) -> _OptionType | None:
+        """The type a field hint declares, or None when it is not an option type."""
+        allowed = typing.get_args(hint)
+        if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+            allowed = (hint,)
+        kinds = [kind for kind in allowed if kind is not type(None)]
+        if len(kinds) != 1 or kinds[0] not in OPTION_TYPES:
+            return None
+        return cls(kinds[0], len(kinds) < len(allowed))
+
+    def holds(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind is float:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+        return type(value) is self.kind
+
+    def describe(self) -> str:
+        return self.kind.__name__ + (" or none" if self.optional else "")
+
+
+def _option_fields(options: type) -> list[tuple[dataclasses.Field, _OptionType | None]]:
+    hints = typing.get_type_hints(options)
+    return [(f, _OptionType.of(hints[f.name])) for f in dataclasses.fields(options)]
 
 
 class Metric:
-    """Base class of benchmark metrics. Subclasses set `title` and implement `compute`."""
+    """Base class of benchmark metrics. Subclasses set `title` and implement `compute`, and
+    declare their own settings as a nested ``@dataclass class Options`` of `option` fields."""
+
+    @dataclass(frozen=True)
+    class Options:
+        """A metric without options of its own."""
 
     registry_name: ClassVar[str] = ""
     title: ClassVar[str] = ""
 
     @classmethod
     def check_registrable(cls) -> None:
-        """Refuse, at registration, a metric that does not implement compute and headline."""
+        """Refuse, at registration, a metric that does not implement compute and headline, or
+        whose Options are not a dataclass of defaulted int, float, str and bool fields."""
         missing = [
             name for name in ("compute", "headline") if getattr(cls, name) is getattr(Metric, name)
         ]
         if missing:
             raise ZooError(f"{cls.__qualname__} does not implement {' and '.join(missing)}")
+        if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
+            raise ZooError(f"{cls.__qualname__}.Options is not a dataclass")
+        for spec, kind in _option_fields(cls.Options):
+            where = f"{cls.__qualname__}.Options.{spec.name}"
+            if kind is None:
+                raise ZooError(f"{where} is not an int, float, str or bool (optionally | None)")
+            if spec.default is dataclasses.MISSING or not kind.holds(spec.default):
+                raise ZooError(f"{where} needs a default of type {kind.describe()}")
 
     def compute(self, context: BenchContext) -> dict[str, Any]:
         raise NotImplementedError
@@ -207,3 +299,121 @@ def select_metrics(requested: list[str] | None = None) -> list[str]:
         return list(requested)
     plugins = {*METRICS.names(), *(plugin.name for plugin in METRICS.all_broken())}
     return [*BUILTIN_METRICS, *sorted(plugins - set(BUILTIN_METRICS))]
+
+
+# -- metric options from the command line --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionValue:
+    """One metric option as the user gave it: ``--option METRIC.NAME=VALUE``, or a flag kept
+    as an alias of one (``--fid-features VALUE``); `given_as` names it in errors."""
+
+    metric: str
+    name: str
+    value: str
+    given_as: str
+
+    @classmethod
+    def parse(cls, text: str) -> OptionValue:
+        key, sep, value = text.partition("=")
+        metric, dot, name = key.strip().rpartition(".")
+        if not (sep and dot and metric and name):
+            raise ZooError(
+                f"--option {text!r} is not METRIC.NAME=VALUE (for example --option "
+                "fid.features=classifier; zoo bench --help-metric METRIC lists a metric's options)"
+            )
+        return cls(metric, name.replace("-", "_"), value, f"--option {metric}.{name}")
+
+
+def resolve_options(given: Iterable[OptionValue]) -> dict[str, Any]:
+    """Each named metric's `Metric.Options`, its defaults replaced by the given values (parsed
+    to the fields' types and checked); an unknown metric or option, a value given twice or
+    one that does not parse is one line naming what is allowed."""
+    values: dict[str, dict[str, Any]] = {}
+    spelt: dict[tuple[str, str], str] = {}
+    for item in given:
+        try:
+            cls = METRICS.get(item.metric)
+        except ZooError as error:
+            raise ZooError(f"{item.given_as}: {error}") from None
+        fields = {spec.name: (spec, kind) for spec, kind in _option_fields(cls.Options)}
+        if item.name not in fields:
+            known = f"its options: {', '.join(fields)}" if fields else "it has none"
+            raise ZooError(
+                f"{item.given_as}: metric {item.metric} has no option {item.name!r}; {known} "
+                f"(zoo bench --help-metric {item.metric})"
+            )
+        earlier = spelt.setdefault((item.metric, item.name), item.given_as)
+        if earlier != item.given_as or item.name in values.get(item.metric, {}):
+            raise ZooError(
+                f"{item.metric}.{item.name} is given twice ({earlier} and {item.given_as}); "
+                "give it once"
+            )
+        spec, kind = fields[item.name]
+        values.setdefault(item.metric, {})[item.name] = _parse(item, spec, kind)
+    return {metric: METRICS.get(metric).Options(**named) for metric, named in values.items()}
+
+
+def _parse(item: OptionValue, spec: dataclasses.Field, kind: _OptionType) -> Any:
+    """``item.value`` as the field's type: int, float (finite), bool (true/false, yes/no,
+    on/off, 1/0), str; ``none`` for an optional field; within its choices and range."""
+    text = item.value.strip()
+    if kind.optional and text.lower() in ("none", "null"):
+        return None
+    meta = spec.metadata
+    try:
+        if kind.kind is bool:
+            value: Any = {"true": True, "yes": True, "on": True, "1": True}.get(text.lower())
+            if value is None and text.lower() not in ("false", "no", "off", "0"):
+                raise ValueError(text)
+            value = bool(value)
+        elif kind.kind is str:
+            value = item.value
+        else:
+            value = kind.kind(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+    except ValueError:
+        raise ZooError(f"{item.given_as} must be {_what(kind, meta)}, got {item.value!r}") from None
+    choices, low, high = meta.get("choices") or (), meta.get("low"), meta.get("high")
+    if (
+        (choices and value not in choices)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+        raise ZooError(f"{item.given_as} must be {_what(kind, meta)}, got {item.value!r}")
+    return value
+
+
+def _what(kind: _OptionType, meta: Mapping[str, Any]) -> str:
+    """What a field takes, as the end of "must be ...": "an int in [1, 65536]", "one of a, b"."""
+    choices, low, high = meta.get("choices") or (), meta.get("low"), meta.get("high")
+    if choices:
+        text = "one of " + ", ".join(choices)
+    else:
+        text = {
+            int: "an integer",
+            float: "a finite number",
+            bool: "true or false",
+            str: "a string",
+        }[kind.kind]
+        if low is not None and high is not None:
+            text += f" in [{low:g}, {high:g}]"
+        elif low is not None:
+            text += f" of at least {low:g}"
+        elif high is not None:
+            text += f" of at most {high:g}"
+    return text + (" or none" if kind.optional else "")
+
+
+def option_rows(name: str) -> list[tuple[str, str, str, str]]:
+    """(option, what it takes, default, help) for each option of metric ``name``, the
+    defaults read from its Options dataclass."""
+    cls = METRICS.get(name)
+    rows = []
+    for spec, kind in _option_fields(cls.Options):
+        default = "none" if spec.default is None else str(spec.default)
+        help_text = str(spec.metadata.get("help", ""))
+        rows.append((spec.name, _what(kind, spec.metadata), default, help_text))
+    return rows

@@ -37,12 +37,17 @@ def markdown(report: BenchReport) -> str:
     no name from a file can add a row, a column or a section (`zoo.names`)."""
     header, rows = leaderboard(report)
     settings = report.settings
+    options = ", ".join(
+        markdown_code(f"{metric}.{name}={value}")
+        for metric, named in report.options.items()
+        for name, value in named.items()
+    )
     lines = [
         "# zoo bench",
         "",
         f"{markdown_text(report.created)}: split {markdown_code(report.splits)}, "
-        f"n = {settings.n or 'all'}, seed {settings.seed}, device {markdown_code(report.device)}, "
-        f"FID features {markdown_code(settings.fid_features)}.",
+        f"n = {settings.n or 'all'}, seed {settings.seed}, device {markdown_code(report.device)}"
+        + (f"; options {options}." if options else "."),
         "",
         "| " + " | ".join(markdown_text(column) for column in header) + " |",
         "| " + " | ".join("---" for _ in header) + " |",
@@ -115,8 +120,9 @@ def write_report(report: BenchReport, path: Path) -> tuple[Path, Path]:
 
 def update_model_cards(report: BenchReport) -> list[Path]:
     """Add each checkpoint's computed metrics to the model card beside it (`zoo.card`),
-    replacing older results of the same metric and settings; the cards written. A card that
-    cannot be written (a read-only folder) is a warning, never a failed benchmark."""
+    replacing older results of the same metric and settings (the shared ones and the
+    metric's own options, as ``metric.name``); the cards written. A card that cannot be
+    written (a read-only folder) is a warning, never a failed benchmark."""
     settings = {
         k: v
         for k, v in dataclasses.asdict(report.settings).items()
@@ -128,7 +134,13 @@ def update_model_cards(report: BenchReport) -> list[Path]:
         try:
             for name, (values, headline) in result.card.items():
                 used = result.data_used.get(name, {})
-                keyed = {**settings, "device": report.device, "data": used.get("fingerprint")}
+                own = {f"{name}.{k}": v for k, v in result.options.get(name, {}).items()}
+                keyed = {
+                    **settings,
+                    **own,
+                    "device": report.device,
+                    "data": used.get("fingerprint"),
+                }
                 keyed["split"] = used.get("split", settings["split"])
                 record_bench_result(result.checkpoint, name, keyed, values, headline, used)
             if result.card:

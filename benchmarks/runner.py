@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import zoo
-from benchmarks.metric import METRICS, BenchContext, BenchSettings, Metric
+from benchmarks.metric import METRICS, BenchContext, BenchSettings, Memo, Metric
 from zoo.checkpoint import read_info
 from zoo.data import ImageData, checkpoint_data, checkpoint_source, held_out_split
 from zoo.device import keep_freed_memory, pick_device
@@ -25,7 +25,7 @@ from zoo.metadata import CheckpointInfo
 
 log = logging.getLogger(__name__)
 
-REPORT_FORMAT = "zoo-bench/1"
+REPORT_FORMAT = "zoo-bench/2"  # 2: each metric's options beside its result, not in settings
 
 
 def latest_runs(runs_dir: str | Path) -> list[Path]:
@@ -56,6 +56,7 @@ class ModelResult:
     headline: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     data_used: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per metric: its Options
     wall_time_s: dict[str, float] = field(default_factory=dict)  # per metric, failed ones too
     data_note: str | None = None  # set when the data measured on is not the training data
     figures: list[tuple[str, Figure]] = field(default_factory=list)
@@ -73,6 +74,7 @@ class ModelResult:
             "metrics": self.metrics,
             "errors": self.errors,
             "data_used": self.data_used,
+            "options": self.options,
             "wall_time_s": self.wall_time_s,
             "data_note": self.data_note,
             "figures": self.figure_paths,
@@ -85,6 +87,7 @@ class BenchReport:
     device: str
     metrics: list[str]
     results: list[ModelResult]
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # of the metrics run
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
     @property
@@ -113,22 +116,30 @@ class BenchReport:
 
 
 def run_bench(
-    checkpoints: list[Path], metric_names: list[str], settings: BenchSettings
+    checkpoints: list[Path],
+    metric_names: list[str],
+    settings: BenchSettings,
+    options: dict[str, Any] | None = None,
 ) -> BenchReport:
-    """Every metric on every checkpoint; a metric that fails, for whatever reason, is recorded
-    with the reason and the others still run (the CLI then exits 1)."""
+    """Every metric on every checkpoint, each with its `Metric.Options` (``options``, by
+    metric name, from `resolve_options`; the defaults for the others); a metric that fails,
+    for whatever reason, is recorded with the reason and the others still run (the CLI then
+    exits 1)."""
+    options = dict(options or {})
     metrics: dict[str, Metric] = {}
     unusable: dict[str, str] = {}  # metrics whose constructor raised
     for name in metric_names:
         try:
             metrics[name] = METRICS.get(name)()
+            options.setdefault(name, type(metrics[name]).Options())
         except KeyboardInterrupt:
             raise
         except BaseException as error:  # a plugin may raise anything
             unusable[name] = failure_text(error)
+    recorded = {name: dataclasses.asdict(options[name]) for name in metrics}
     device = pick_device(settings.device)
     keep_freed_memory()
-    tools: dict[str, Any] = {}
+    memo = Memo()
     results = []
     for checkpoint in checkpoints:
         model = zoo.load(checkpoint, device=device)
@@ -136,13 +147,21 @@ def run_bench(
         results.append(result)
         result.errors.update(unusable)
         try:
-            data = benchmark_split(tools, result.info, settings)
+            data = benchmark_split(memo, result.info, settings)
         except ZooError as error:
             result.errors = dict.fromkeys(metric_names, str(error))
             continue
         result.data_note = data_difference(result.info, data, settings.data)
         context = BenchContext(
-            model, Path(checkpoint), result.info, data, settings, device, tools, result.figures
+            model=model,
+            checkpoint=Path(checkpoint),
+            info=result.info,
+            data=data,
+            settings=settings,
+            device=device,
+            metric_options=options,
+            memo=memo,
+            figures=result.figures,
         )
         for name, metric in metrics.items():
             started = time.perf_counter()
@@ -150,6 +169,7 @@ def run_bench(
                 "%s: %s on %d %s images", result.info.model_name, name, context.count, data.split
             )
             result.data_used[name] = metric.data_used(context)
+            result.options[name] = recorded[name]
             try:
                 result.metrics[name] = _checked(metric.compute(context))
                 headline = metric.headline(result.metrics[name])
@@ -162,7 +182,7 @@ def run_bench(
                 result.errors[name] = failure_text(error)
             result.wall_time_s[name] = round(time.perf_counter() - started, 3)
             log.info("%s: %s took %.1f s", result.info.model_name, name, result.wall_time_s[name])
-    return BenchReport(settings, str(device), metric_names, results)
+    return BenchReport(settings, str(device), metric_names, results, recorded)
 
 
 def _checked(result: Any) -> dict[str, Any]:
@@ -195,9 +215,7 @@ def data_difference(info: CheckpointInfo, data: ImageData, override: str | None)
     return f"{trained}, measured on {measured}: {reason}"
 
 
-def benchmark_split(
-    tools: dict[str, Any], info: CheckpointInfo, settings: BenchSettings
-) -> ImageData:
+def benchmark_split(memo: Memo, info: CheckpointInfo, settings: BenchSettings) -> ImageData:
     """The benchmark split for a checkpoint, loaded once per (data, split, size): ``--split``,
     else the data's test split when it has one, else its valid split (said once)."""
     split, source = settings.split, None
@@ -205,15 +223,20 @@ def benchmark_split(
         source = checkpoint_source(info, settings.data, progress=settings.progress)
         size = int(info.preprocess.get("image_size", 0))
         split = held_out_split(source, size, progress=settings.progress)
-        note = f"no-test-note:{source.root}"
-        if split != "test" and note not in tools:
-            log.warning(
-                "%s has no test split: measuring on its valid split; keep images you never "
-                "tune on in a test split (partition 2) to benchmark on held-out faces",
-                source.root,
-            )
-            tools[note] = True
-    key = f"split:{settings.data or info.data.get('root')}:{split}:{info.preprocess}"
-    if key not in tools:  # the source resolved above is not resolved again
-        tools[key] = checkpoint_data(info, split, settings.data, source=source)
-    return tools[key]
+        if split != "test":
+            memo.get("no-test-note", str(source.root), build=lambda: _no_test_note(source.root))
+    return memo.get(  # the source resolved above is not resolved again
+        "split",
+        settings.data or info.data.get("root"),
+        split,
+        json.dumps(info.preprocess, sort_keys=True),
+        build=lambda: checkpoint_data(info, split, settings.data, source=source),
+    )
+
+
+def _no_test_note(root: Any) -> None:
+    log.warning(
+        "%s has no test split: measuring on its valid split; keep images you never tune on in "
+        "a test split (partition 2) to benchmark on held-out faces",
+        root,
+    )

@@ -8,94 +8,94 @@ single timings on a shared machine are noisy.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from benchmarks.metric import BenchContext, Metric, register_metric
+from benchmarks.metric import BenchContext, Metric, option, register_metric
 from zoo.errors import ZooError
-from zoo.precision import autocast, choose_precision
-from zoo.step import measure_step_times
+from zoo.precision import PRECISIONS, autocast, choose_precision
+from zoo.step import make_optimizer, measure_step_times, median_seconds, train_step
+from zoo.train import TrainSettings
 
 WARMUP_CALLS = 5  # oneDNN picks bf16 kernels over the first few calls
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def time_call(
     call: Callable[[], Any], device: torch.device, repeats: int
 ) -> tuple[float, float | None]:
-    """(median seconds per call, peak memory in MB on CUDA or None where not reported)."""
-    for _ in range(WARMUP_CALLS):
-        call()
-    _synchronize(device)
+    """(median seconds per call after the warm-up, peak memory in MB over the warm-up and the
+    timed calls on CUDA, or None where it is not reported)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        _synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    median = median_seconds(call, device, WARMUP_CALLS, repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(seconds), peak
+    return median, peak
 
 
 @register_metric("throughput")
 class Throughput(Metric):
     """Median images/s of encode, decode, generate and a training step at a stated batch size,
-    in the precision training uses (``--precision``, auto by default)."""
+    in the precision training uses (the option ``throughput.precision``)."""
 
     title = "Throughput"
 
+    @dataclass(frozen=True)
+    class Options:
+        batch_size: int = option(64, "Images per timed call.", low=1, high=65536)
+        repeats: int = option(5, "Timed calls per operation; the median is reported.", low=1)
+        precision: str = option(
+            "auto",
+            "Precision of the timed calls, as zoo train chooses it (quality metrics run in fp32).",
+            choices=("auto", *PRECISIONS),
+        )
+
     def compute(self, context: BenchContext) -> dict[str, Any]:
         settings, device, model = context.settings, context.device, context.model.eval()
-        precision = choose_precision(device, settings.precision, measure_step_times).precision
-        batch = settings.throughput_batch_size
+        options = context.options(self)
+        precision = choose_precision(device, options.precision, measure_step_times).precision
+        batch = options.batch_size
         index = torch.arange(batch) % len(context.data)
         images, _ = context.data.batch(index, device)
         labels = context.labels
         y = labels[index].to(device) if labels is not None else None
         with torch.inference_mode():
             z = model.encode(images, y).mean
-        trainee = copy.deepcopy(model).train()
-        optimizer = torch.optim.Adam(trainee.parameters(), lr=1e-4)
+        trainee = copy.deepcopy(model).train()  # zoo train's step: its Adam, its finiteness check
+        optimizer = make_optimizer(trainee.parameters(), device, TrainSettings.lr)
 
-        def train_step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                loss = trainee(images, y)["loss"]
-            loss.backward()
-            optimizer.step()
+        def one_step() -> None:
+            train_step(lambda: trainee(images, y), trainee, optimizer, device, precision)
+
+        def inference(call: Callable[[], Any]) -> Callable[[], Any]:
+            """`call` as the models run at inference: no autograd, in the chosen precision."""
+
+            def run() -> Any:
+                with torch.inference_mode(), autocast(device, precision):
+                    return call()
+
+            return run
 
         generator = torch.Generator(device).manual_seed(settings.seed)
         operations: dict[str, Callable[[], Any]] = {
-            "encode": torch.inference_mode()(lambda: model.encode(images, y)),
-            "decode": torch.inference_mode()(lambda: model.decode(z, y)),
-            "generate": torch.inference_mode()(
-                lambda: model.generate(batch, y, generator=generator)
-            ),
-            "train_step": train_step,
+            "encode": inference(lambda: model.encode(images, y)),
+            "decode": inference(lambda: model.decode(z, y)),
+            "generate": inference(lambda: model.generate(batch, y, generator=generator)),
+            "train_step": one_step,  # autocast inside, around the forward pass only
         }
-        operations.update(self._feature_extractors(context, images))
+        extractors = self._feature_extractors(context, images)
+        operations.update({name: inference(call) for name, call in extractors.items()})
         rates, medians, peaks = {}, {}, {}
         for name, call in operations.items():
-            with autocast(device, precision):
-                median, peak = time_call(call, device, settings.throughput_repeats)
+            median, peak = time_call(call, device, options.repeats)
             rates[name] = batch / median
             medians[name] = median * 1000
             peaks[name] = peak
         return {
             "batch_size": batch,
-            "repeats": settings.throughput_repeats,
+            "repeats": options.repeats,
             "warmup_calls": WARMUP_CALLS,
             "device": str(device),
             "precision": precision,
@@ -108,8 +108,8 @@ class Throughput(Metric):
         }
 
     def data_used(self, context: BenchContext) -> dict[str, Any]:
-        """The first ``--throughput-batch-size`` images of the split (repeated if it is smaller)."""
-        return context.data_record(min(context.settings.throughput_batch_size, len(context.data)))
+        """The first ``throughput.batch_size`` images of the split (repeated if it is smaller)."""
+        return context.data_record(min(context.options(self).batch_size, len(context.data)))
 
     def _feature_extractors(
         self, context: BenchContext, images: torch.Tensor
@@ -127,7 +127,7 @@ class Throughput(Metric):
                 continue
             prepared = extractor.prepare(images).to(extractor.device)
             features = extractor.metric.inception
-            calls[f"fid_features_{choice}"] = torch.no_grad()(lambda f=features, p=prepared: f(p))
+            calls[f"fid_features_{choice}"] = lambda f=features, p=prepared: f(p)
         return calls
 
     def card_values(self, result: dict[str, Any]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -14,10 +15,15 @@ from typer.testing import CliRunner
 
 import zoo
 from benchmarks.classifier import ClassifierInfo
-from benchmarks.classifier_training import ClassifierSettings, train_classifier
+from benchmarks.classifier_training import (
+    ClassifierRun,
+    ClassifierSettings,
+    finished_classifier,
+)
 from benchmarks.edits import INTENSITY_FILE, INTENSITY_FORMAT, EditAccuracy
-from benchmarks.fid import hub_weights_path
-from benchmarks.metric import METRICS, BenchContext, BenchSettings
+from benchmarks.fid import FrechetDistance
+from benchmarks.inception import hub_weights_path
+from benchmarks.metric import METRICS, BenchContext, BenchSettings, Memo
 from benchmarks.recon import Reconstruction
 from benchmarks.report import write_report
 from benchmarks.runner import BenchReport, ModelResult, benchmark_split, latest_runs, run_bench
@@ -121,7 +127,10 @@ def painted_data(n: int = 20, names: list[str] = NAMES) -> ImageData:
     )
 
 
-def toy_context(model: GenerativeModel, data: ImageData, **settings) -> BenchContext:
+def toy_context(
+    model: GenerativeModel, data: ImageData, options: dict | None = None, **settings
+) -> BenchContext:
+    """A context on toy data and one toy ruler; ``options``: metric options by metric name."""
     info = CheckpointInfo(
         path=Path("/toy/model.safetensors"),
         model_name=model.model_name,
@@ -132,7 +141,13 @@ def toy_context(model: GenerativeModel, data: ImageData, **settings) -> BenchCon
     )
     model.checkpoint_info = info
     context = BenchContext(
-        model, info.path, info, data, BenchSettings(batch_size=7, **settings), torch.device("cpu")
+        model,
+        info.path,
+        info,
+        data,
+        BenchSettings(batch_size=7, **settings),
+        torch.device("cpu"),
+        metric_options=options or {},
     )
     context.rulers = lambda: [(ColourClassifier(data.attr_names), ruler_info("colour", data))]
     return context
@@ -207,7 +222,8 @@ def test_edit_intensity_scales_the_label_change(intensity, works):
     """PaintLabels paints a label's value; the ruler reads above 0.5 as on. A change scaled
     by 0.4 leaves every label on its side of 0.5, so no edit may count as done."""
     model = PaintLabels(ModelConfig(image_size=8, num_attributes=3, latent_dim=2))
-    result = EditAccuracy().compute(toy_context(model, painted_data(), edit_intensity=intensity))
+    options = {"edit": EditAccuracy.Options(intensity=intensity)}
+    result = EditAccuracy().compute(toy_context(model, painted_data(), options))
     assert result["intensity"]["values"] == dict.fromkeys(NAMES, intensity)
     assert result["intensity"]["source"] == "--edit-intensity"
     for name in NAMES:
@@ -391,10 +407,10 @@ def test_tuned_intensities_are_used_and_never_scored_by_the_ruler_that_chose_the
     tuned_file(context, split="valid")  # the split the toy data is
     with pytest.raises(ZooError, match="tuned on the valid split, the one being scored"):
         EditAccuracy().compute(context)
-    context.settings.edit_intensity = 1.0  # an explicit intensity ignores the file
+    context.metric_options["edit"] = EditAccuracy.Options(intensity=1.0)  # ignores the file
     assert EditAccuracy().compute(context)["per_attribute"]["Bald"]["accuracy"] == 1.0
 
-    context.settings.edit_intensity = None
+    del context.metric_options["edit"]
     tuned_file(context, checkpoint_sha256="0" * 16)  # tuned for weights since replaced
     assert EditAccuracy().compute(context)["intensity"]["source"] == "default"
 
@@ -477,8 +493,7 @@ def test_throughput_drops_with_a_deliberately_slow_decoder(no_fid_weights):
         context = toy_context(
             Grey(ModelConfig(image_size=8), delay=slowness),
             flat_colour_data(),
-            throughput_batch_size=batch,
-            throughput_repeats=3,
+            {"throughput": Throughput.Options(batch_size=batch, repeats=3)},
         )
         context.rulers = no_classifier
         rates[slowness] = Throughput().compute(context)["images_per_s"]
@@ -532,17 +547,19 @@ def runs(synthetic_faces, tmp_path_factory):
                 ),
                 progress=False,
             ).run()
-        train_classifier(
-            ClassifierSettings(
-                data=synthetic_faces,
-                image_size=16,
-                backbone="test_resnet",
-                epochs=1,
-                batch_size=16,
-                device="cpu",
-                out=str(folder),
-                progress=False,
-            )
+        finished_classifier(
+            ClassifierRun(
+                ClassifierSettings(
+                    data=synthetic_faces,
+                    image_size=16,
+                    backbone="test_resnet",
+                    epochs=1,
+                    batch_size=16,
+                    device="cpu",
+                    out=str(folder),
+                    progress=False,
+                )
+            ).run()
         )
     return folder
 
@@ -553,21 +570,24 @@ def test_latest_runs_finds_one_checkpoint_per_model(runs):
 
 
 def test_report_schema(runs, no_fid_weights):
-    settings = BenchSettings(
-        n=8,
-        batch_size=4,
-        throughput_batch_size=4,
-        throughput_repeats=2,
-        runs_dir=str(runs),
-        fid_features="classifier",
-        progress=False,
-    )
-    report = run_bench(latest_runs(runs), ["recon", "throughput", "fid", "edit"], settings)
+    settings = BenchSettings(n=8, batch_size=4, runs_dir=str(runs), progress=False)
+    options = {
+        "throughput": Throughput.Options(batch_size=4, repeats=2),
+        "fid": FrechetDistance.Options(features="classifier"),
+    }
+    names = ["recon", "throughput", "fid", "edit"]
+    report = run_bench(latest_runs(runs), names, settings, options)
     document = json.loads(json.dumps(report.to_dict()))
-    assert document["format"] == "zoo-bench/1"
-    assert {"split", "n", "seed", "fid_features", "classifiers", "device"} <= set(
-        document["settings"]
-    )
+    assert document["format"] == "zoo-bench/2"
+    assert {"split", "n", "seed", "classifiers", "device"} <= set(document["settings"])
+    # each metric's own options beside its result: those given, the others' defaults
+    for result in document["results"]:
+        assert result["options"] == {
+            "recon": {},
+            "throughput": {"batch_size": 4, "repeats": 2, "precision": "auto"},
+            "fid": {"features": "classifier", "weights": None},
+            "edit": {"strength": 1.0, "intensity": None},
+        }
     assert {"zoo", "torch", "python"} <= set(document["versions"])
     [cvae, vae] = document["results"]
     assert cvae["model"] == "cvae" and vae["model"] == "vae" and not cvae["errors"]
@@ -640,10 +660,10 @@ def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
 
 # README "What happens when ...": the classifier was trained at another image size
 def test_a_classifier_of_another_image_size_is_recorded_and_said(runs, synthetic_faces, tmp_path):
-    path, _ = train_classifier(
+    path, _ = finished_classifier(ClassifierRun(
         ClassifierSettings(data=synthetic_faces, image_size=24, backbone="test_resnet",
                            max_steps=2, batch_size=16, out=str(tmp_path), progress=False)
-    )  # fmt: skip
+    ).run())  # fmt: skip
     [cvae] = [p for p in latest_runs(runs) if zoo.read_info(p).model_name == "cvae"]
     out = tmp_path / "results.json"
     done = CliRunner().invoke(app, [
@@ -667,10 +687,9 @@ def test_a_metric_that_raises_is_recorded_and_the_others_still_run(runs, monkeyp
 
     monkeypatch.setattr(Reconstruction, "compute", buggy)
     monkeypatch.setattr(Throughput, "compute", lambda self, context: {"not json": object()})
-    settings = BenchSettings(
-        n=4, batch_size=4, runs_dir=str(runs), fid_features="classifier", progress=False
-    )
-    report = run_bench(latest_runs(runs), ["recon", "throughput", "fid"], settings)
+    settings = BenchSettings(n=4, batch_size=4, runs_dir=str(runs), progress=False)
+    options = {"fid": FrechetDistance.Options(features="classifier")}
+    report = run_bench(latest_runs(runs), ["recon", "throughput", "fid"], settings, options)
     assert report.failed
     for result in report.results:
         assert result.errors["recon"] == "ZeroDivisionError: division by zero"
@@ -788,12 +807,12 @@ def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
     checkpoint.parent.mkdir()
     shutil.copy(cvae, checkpoint)
     [tuner] = runs.glob("classifier-*/classifier.safetensors")
-    other, _ = train_classifier(
+    other, _ = finished_classifier(ClassifierRun(
         ClassifierSettings(
             data=synthetic_faces, image_size=16, backbone="test_resnet", epochs=1, batch_size=16,
             seed=1, balanced=False, device="cpu", out=str(tmp_path / "rulers"), progress=False,
         )
-    )  # fmt: skip
+    ).run())  # fmt: skip
     common = ["--n", "8", "--no-progress", "--device", "cpu"]
     tune = ["tune-edits", str(checkpoint), "--classifier", str(tuner), "--intensities", "1,2"]
     for bad, said in (("1,x", "not a comma-separated list"), ("0,2", r"numbers in (0, 10]")):
@@ -844,6 +863,122 @@ def test_the_benchmark_measures_the_test_split_and_falls_back_to_valid_with_a_wa
             preprocess={"image_size": 16, "crop_fraction": 0.8315, "channels": 3},
             data={"root": str(root)},
         )
-        assert benchmark_split({}, info, settings).split == split
+        assert benchmark_split(Memo(), info, settings).split == split
     assert caplog.text.count("has no test split: measuring on its valid split") == 1
     assert str(without) in caplog.text
+
+
+# -- metric options on the command line -----------------------------------------------------------
+
+
+@pytest.fixture
+def bench_call(monkeypatch):
+    """`zoo bench` up to the run: what run_bench would be given, recorded (nothing runs)."""
+    import benchmarks.runner
+
+    calls = []
+
+    def recording_run_bench(checkpoints, metrics, settings, options):
+        calls.append((settings, options))
+        raise ZooError("recorded")
+
+    monkeypatch.setattr(benchmarks.runner, "run_bench", recording_run_bench)
+
+    def call(*args: str) -> tuple[BenchSettings, dict]:
+        done = CliRunner().invoke(app, ["bench", "m.safetensors", "--metric", "recon", *args])
+        assert done.exit_code == 1 and "recorded" in done.output, done.output
+        return calls.pop()
+
+    return call
+
+
+@pytest.mark.parametrize(
+    ("alias", "value", "metric", "name", "parsed"),
+    [
+        ("--fid-features", "classifier", "fid", "features", "classifier"),
+        ("--fid-weights", "/w.pth", "fid", "weights", "/w.pth"),
+        ("--edit-strength", "2", "edit", "strength", 2.0),
+        ("--edit-intensity", "0.4", "edit", "intensity", 0.4),
+        ("--throughput-batch-size", "8", "throughput", "batch_size", 8),
+        ("--precision", "fp32", "throughput", "precision", "fp32"),
+    ],
+)
+def test_the_old_metric_flags_are_aliases_of_their_options(
+    bench_call, alias, value, metric, name, parsed
+):
+    _, options = bench_call(alias, value)
+    assert list(options) == [metric]
+    expected = METRICS.get(metric).Options(**{name: parsed})
+    assert options[metric] == expected and type(getattr(options[metric], name)) is type(parsed)
+    assert bench_call("--option", f"{metric}.{name}={value}")[1] == options  # the same
+
+
+def test_bench_settings_left_unset_are_the_dataclass_defaults(bench_call):
+    """None means "not given": only the options typed replace BenchSettings' defaults."""
+    settings, options = bench_call()
+    assert settings == BenchSettings() and options == {}
+    settings, _ = bench_call("--seed", "3", "--batch-size", "5", "--no-progress", "--runs", "r")
+    assert settings == BenchSettings(seed=3, batch_size=5, progress=False, runs_dir="r")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--option", "fid.weights"], "--option 'fid.weights' is not METRIC.NAME=VALUE"),
+        (["--option", "fdi.features=x"], "--option fdi.features: unknown metric 'fdi'. Did you"),
+        (["--option", "recon.n=1"], "metric recon has no option 'n'; it has none"),
+        (["--option", "fid.features=pixels"], "must be one of inception, classifier, got 'pix"),
+        (["--option", "throughput.batch-size=0"], "batch-size must be an integer in [1, 65536]"),
+        (["--option", "edit.strength=inf"], "--option edit.strength must be a finite number"),
+        (["--edit-strength", "x"], "--edit-strength must be a finite number, got 'x'"),
+        (["--precision", "fp16"], "--precision must be one of auto, fp32, bf16, got 'fp16'"),
+        (
+            ["--fid-features", "classifier", "--option", "fid.features=inception"],
+            "fid.features is given twice (--option fid.features and --fid-features)",
+        ),
+    ],
+)
+def test_a_bad_metric_option_is_one_line_before_anything_runs(bench_call, args, said):
+    done = CliRunner().invoke(app, ["bench", "m.safetensors", *args])
+    assert done.exit_code == 1 and "recorded" not in done.output
+    assert said in " ".join(done.output.split()), done.output
+    assert "Traceback" not in done.output
+
+
+class NotADataclass:
+    factor: float = 1.0
+
+
+@dataclasses.dataclass
+class AListOption:
+    factor: list | None = None
+
+
+@dataclasses.dataclass
+class NoDefault:
+    factor: float
+
+
+@dataclasses.dataclass
+class WrongDefault:
+    n: int = "x"  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (NotADataclass, "Options is not a dataclass"),
+        (AListOption, r"Options.factor is not an int, float, str or bool"),
+        (NoDefault, "Options.factor needs a default of type float"),
+        (WrongDefault, "Options.n needs a default of type int"),
+    ],
+)
+def test_a_metric_whose_options_cannot_be_set_from_the_command_line_is_refused(options, said):
+    """At registration, so a plugin with such Options is listed as broken, not half-usable."""
+
+    class Plugin(Reconstruction):
+        Options = options
+
+    with pytest.raises(ZooError, match=said):
+        METRICS.add(Plugin, "plugin-with-bad-options", "test")
+    assert "plugin-with-bad-options" not in METRICS.names()

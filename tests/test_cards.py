@@ -315,3 +315,46 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(synthetic_faces, tmp_
     events = EventAccumulator(str(run / "tensorboard")).Reload().Scalars("loss")
     assert [e.step for e in events] == [r["step"] for r in records]
     assert [e.value for e in events] == pytest.approx([r["loss"] for r in records])
+
+
+# A result as zoo bench recorded it before metrics owned their options (zoo-bench/1): every
+# metric carried all the settings, the metric-specific ones included.
+OLD_ENTRY = {
+    "metric": "fid",
+    "settings": {
+        "split": "test", "n": 8, "seed": 0, "batch_size": 64, "device": "cpu", "data": "abc",
+        "fid_features": "classifier", "fid_weights": None, "classifiers": None,
+        "edit_strength": 1.0, "edit_intensity": None, "throughput_batch_size": 64,
+        "precision": "auto", "throughput_repeats": 5,
+    },
+    "values": {"FD-attr": 3.5},
+    "headline": {"FD-attr": "3.50"},
+    "data": {"name": "synthetic-faces", "split": "test", "n": 8},
+    "date": "2026-11-30 10:00 UTC",
+}  # fmt: skip
+
+
+def test_results_recorded_before_metric_options_still_load_and_new_ones_record_them(
+    one_run, tmp_path
+):
+    run = copy_of(one_run, tmp_path)
+    (run / BENCH_FILE).write_text(json.dumps({"old": OLD_ENTRY}))
+    checkpoint = run / "model.safetensors"
+    done = invoke(
+        "bench", checkpoint, "--metric", "throughput", "--option", "throughput.repeats=1",
+        "--throughput-batch-size", 2, "--n", 2, "--no-progress", "--device", "cpu",
+        "--out", tmp_path / "results.json",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "is damaged" not in done.output
+    results = json.loads((run / BENCH_FILE).read_text())
+    assert results["old"] == OLD_ENTRY  # kept as it was
+    [new] = [entry for key, entry in results.items() if key != "old"]
+    assert new["metric"] == "throughput"
+    own = {k: v for k, v in new["settings"].items() if k.startswith("throughput.")}
+    assert own == {
+        "throughput.batch_size": 2, "throughput.repeats": 1, "throughput.precision": "auto",
+    }  # fmt: skip
+    assert not any(k.startswith(("fid", "edit")) for k in new["settings"])
+    _, body = card_parts(run / "README.md")
+    assert "fid_features=classifier" in body and "throughput.repeats=1" in body

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import zoo
-from benchmarks import fid
+from benchmarks import fid, inception
 from benchmarks.metric import BenchContext, BenchSettings
 from zoo.data import load_data
 from zoo.errors import ZooError
@@ -78,6 +78,9 @@ def tiny_model(name: str, data, tmp_path: Path):
 
 
 def context(model, path, data, **settings) -> BenchContext:
+    """A benchmark context; ``features`` and ``weights`` are the fid metric's options."""
+    names = {field.name for field in dataclasses.fields(fid.FrechetDistance.Options)}
+    options = {name: settings.pop(name) for name in names & set(settings)}
     return BenchContext(
         model=model,
         checkpoint=path,
@@ -85,6 +88,7 @@ def context(model, path, data, **settings) -> BenchContext:
         data=data,
         settings=BenchSettings(progress=False, **settings),
         device=torch.device("cpu"),
+        metric_options={"fid": fid.FrechetDistance.Options(**options)},
     )
 
 
@@ -96,15 +100,35 @@ def use_stand_in(monkeypatch, classifier, identity="classifier:stand-in:0001"):
 # -- the distance ----------------------------------------------------------------------------------
 
 
-def test_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
-    images = torch.rand(40, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+def frechet_by_hand(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The Fréchet distance of two sets of feature vectors from its formula, in float64:
+    |mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2)), covariances with n - 1."""
+    real, fake = real.double(), fake.double()
+    means = (real.mean(0) - fake.mean(0)).square().sum()
+    s_real, s_fake = real.T.cov(), fake.T.cov()
+    root = torch.linalg.eigvals(s_real @ s_fake).sqrt().real.sum()
+    return float(means + s_real.trace() + s_fake.trace() - 2 * root)
+
+
+def test_distance_is_zero_for_the_real_images_and_grows_with_a_shift(monkeypatch, valid, tmp_path):
+    """The metric as the benchmark runs it, on a model that draws the real images themselves,
+    then those images brightened by s: 0, then a distance that grows with s."""
+    vae, path = tiny_model("vae", valid, tmp_path)
     features = StandInFeatures()
-    same = fid.frechet_distance_of(features, [images[:20], images[20:]], [images])
-    shifted = [fid.frechet_distance_of(features, [images], [images + s]) for s in (0.1, 0.3, 0.9)]
-    assert abs(same) < 1e-3
-    assert 0 < shifted[0] < shifted[1] < shifted[2]
+    use_stand_in(monkeypatch, features)
+    real = valid.batch(torch.arange(8))[0]
+    distances = []
+    for shift in (0.0, 0.1, 0.3, 0.9):
+        fakes = real + shift
+        monkeypatch.setattr(vae, "generate", lambda n, y=None, *, generator=None, f=fakes: f[:n])
+        bench = context(vae, path, valid, features="classifier", n=8, batch_size=8)
+        distances.append(fid.FrechetDistance().compute(bench)["value"])
+        expected = frechet_by_hand(features.features(real), features.features(fakes))
+        assert distances[-1] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert abs(distances[0]) < 1e-3
+    assert 0 < distances[1] < distances[2] < distances[3]
     # the mean term alone is s^2 |W^T 1|^2: the distance is not a constant
-    assert shifted[2] > 50 * shifted[0]
+    assert distances[3] > 50 * distances[1]
 
 
 # -- FD-attr: the classifier extractor, the protocol and the cache ---------------------------------
@@ -114,7 +138,7 @@ def test_fd_attr_matches_the_protocol_and_caches_real_statistics(monkeypatch, va
     vae, path = tiny_model("vae", valid, tmp_path)
     classifier = StandInFeatures()
     use_stand_in(monkeypatch, classifier)
-    settings = {"fid_features": "classifier", "n": 8, "batch_size": 3, "seed": 5}
+    settings = {"features": "classifier", "n": 8, "batch_size": 3, "seed": 5}
 
     first = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     assert classifier.images_seen == 16  # 8 real, 8 generated
@@ -130,7 +154,8 @@ def test_fd_attr_matches_the_protocol_and_caches_real_statistics(monkeypatch, va
     with torch.inference_mode():
         fakes = [vae.generate(k, None, generator=generator) for k in (3, 3, 2)]
     real = valid.batch(torch.arange(8))[0]
-    expected = fid.frechet_distance_of(StandInFeatures(), [real], [f.clone() for f in fakes])
+    stand_in = StandInFeatures()
+    expected = frechet_by_hand(stand_in.features(real), stand_in.features(torch.cat(fakes)))
     assert first["value"] == pytest.approx(expected, rel=1e-4)
 
     # a second run (a new benchmark run: fresh tools) reuses the real statistics
@@ -156,7 +181,7 @@ def test_fd_attr_with_a_real_attribute_classifier_file(valid, tmp_path):
     classifier_path = tmp_path / "classifier.safetensors"
     save_classifier(classifier_path, classifier, data=valid.describe())
     vae, path = tiny_model("vae", valid, tmp_path)
-    settings = {"fid_features": "classifier", "classifiers": [str(classifier_path)], "n": 4}
+    settings = {"features": "classifier", "classifiers": [str(classifier_path)], "n": 4}
     result = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     digest = hashlib.sha256(classifier_path.read_bytes()).hexdigest()[:16]
     assert result["features"] == f"classifier:test_resnet:{digest}"
@@ -166,7 +191,7 @@ def test_fd_attr_with_a_real_attribute_classifier_file(valid, tmp_path):
 def test_a_damaged_statistics_cache_is_recomputed(monkeypatch, valid, tmp_path):
     vae, path = tiny_model("vae", valid, tmp_path)
     use_stand_in(monkeypatch, StandInFeatures())
-    settings = {"fid_features": "classifier", "n": 5}
+    settings = {"features": "classifier", "n": 5}
     first = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     [stats] = (cache_dir() / fid.STATS_DIR).glob("*.safetensors")
     stats.write_bytes(b"not a safetensors file")
@@ -186,7 +211,7 @@ def test_conditional_models_generate_with_the_real_labels(monkeypatch, valid, tm
         return generate(n, y, generator=generator)
 
     monkeypatch.setattr(cvae, "generate", recording_generate)
-    bench = context(cvae, path, valid, fid_features="classifier", n=7, batch_size=3)
+    bench = context(cvae, path, valid, features="classifier", n=7, batch_size=3)
     result = fid.FrechetDistance().compute(bench)
 
     assert [n for n, _, _ in calls] == [3, 3, 1]
@@ -206,7 +231,7 @@ def test_unconditional_models_get_no_labels(monkeypatch, valid, tmp_path):
     monkeypatch.setattr(
         vae, "generate", lambda n, y=None, *, generator=None: seen.append(y) or generate(n, y)
     )
-    fid.FrechetDistance().compute(context(vae, path, valid, fid_features="classifier", n=4))
+    fid.FrechetDistance().compute(context(vae, path, valid, features="classifier", n=4))
     assert seen == [None]
 
 
@@ -214,9 +239,9 @@ def test_settings_that_cannot_give_a_distance_are_errors(monkeypatch, valid, tmp
     vae, path = tiny_model("vae", valid, tmp_path)
     use_stand_in(monkeypatch, StandInFeatures())
     with pytest.raises(ZooError, match="unknown --fid-features 'pixels'"):
-        fid.FrechetDistance().compute(context(vae, path, valid, fid_features="pixels"))
+        fid.FrechetDistance().compute(context(vae, path, valid, features="pixels"))
     with pytest.raises(ZooError, match="at least 2 images"):
-        fid.FrechetDistance().compute(context(vae, path, valid, fid_features="classifier", n=1))
+        fid.FrechetDistance().compute(context(vae, path, valid, features="classifier", n=1))
 
 
 # -- FID: the Inception weights --------------------------------------------------------------------
@@ -259,8 +284,8 @@ def stand_in_weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
 def no_hub_weights(tmp_path, monkeypatch) -> Path:
     """An empty torch hub cache and no $ZOO_FID_WEIGHTS; returns where the hub file would be."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
-    return tmp_path / "torch-home" / "hub" / "checkpoints" / fid.INCEPTION_FILE
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    return tmp_path / "torch-home" / "hub" / "checkpoints" / inception.INCEPTION_FILE
 
 
 @pytest.fixture
@@ -301,10 +326,10 @@ def test_fid_with_weights_from_the_option_end_to_end(
     monkeypatch.setattr(
         vae, "generate", lambda n, y=None, *, generator=None: drawn.expand(n, -1, -1, -1)
     )
-    bench = context(vae, path, data, fid_weights=str(weights))
+    bench = context(vae, path, data, weights=str(weights))
     result = fid.FrechetDistance().compute(bench)
 
-    [extractor] = [tool for tool in bench.tools.values() if isinstance(tool, fid.Extractor)]
+    extractor = fid.extractor_for(bench)  # the one the metric built: made once per run
     assert_same_weights(extractor, state)
     with torch.no_grad():  # the two faces through Inception directly, in one batch
         real, fake = extractor.metric.inception(fid.to_uint8_rgb(valid.batch(torch.arange(2))[0]))
@@ -322,7 +347,7 @@ def test_fid_weights_from_the_environment_and_the_hub_cache(
     weights, state = stand_in_weights
     accept(weights)
     vae, path = tiny_model("vae", valid, tmp_path)
-    monkeypatch.setenv(fid.WEIGHTS_ENV, str(weights))
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(weights))
     assert_same_weights(fid.extractor_for(context(vae, path, valid)), state)
 
     # the option wins over the environment, which wins over the hub cache
@@ -330,10 +355,10 @@ def test_fid_weights_from_the_environment_and_the_hub_cache(
     no_hub_weights.symlink_to(weights)
     other = tmp_path / "other.pth"
     other.write_bytes(b"")
-    assert fid.inception_weights_path(str(other)) == other
-    assert fid.inception_weights_path(None) == weights
-    monkeypatch.delenv(fid.WEIGHTS_ENV)
-    assert fid.inception_weights_path(None) == no_hub_weights
+    assert inception.inception_weights_path(str(other)) == other
+    assert inception.inception_weights_path(None) == weights
+    monkeypatch.delenv(inception.WEIGHTS_ENV)
+    assert inception.inception_weights_path(None) == no_hub_weights
 
 
 def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
@@ -346,7 +371,7 @@ def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
     assert "\n" not in message
     for part in (
         str(no_hub_weights),
-        fid.INCEPTION_URL,
+        inception.INCEPTION_URL,
         "--fid-weights PATH",
         "ZOO_FID_WEIGHTS=PATH",
         "--fid-features classifier",
@@ -354,7 +379,7 @@ def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
         assert part in message
     # a path given explicitly but absent is an error too, never a silent fall-through
     with pytest.raises(ZooError, match="--fid-weights .*nowhere.pth is not a file"):
-        fid.inception_weights_path(str(tmp_path / "nowhere.pth"))
+        inception.inception_weights_path(str(tmp_path / "nowhere.pth"))
 
 
 # README "What happens when": the FID weights file is not torch-fidelity's released one
@@ -363,14 +388,14 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
 ):
     weights, state = stand_in_weights
     vae, path = tiny_model("vae", valid, tmp_path)
-    bench = context(vae, path, valid, fid_weights=str(weights))
+    bench = context(vae, path, valid, weights=str(weights))
 
     def load(*args, **kwargs):
         raise AssertionError("the weights file was loaded before its sha256 was checked")
 
     with monkeypatch.context() as patch:
-        for owner, name in ((fid, "FrechetInceptionDistance"), (fid, "load_weights_only")):
-            patch.setattr(owner, name, load)
+        for name in ("FrechetInceptionDistance", "load_weights_only"):
+            patch.setattr(inception, name, load)
         patch.setattr(torch, "load", load)
         with pytest.raises(ZooError) as error:
             fid.FrechetDistance().compute(bench)
@@ -378,12 +403,12 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert "\n" not in message
     assert f"refusing {weights}: its sha256 is not that of torch-fidelity's released" in message
-    assert f"set ZOO_FID_WEIGHTS_SHA256={digest}" in message and fid.INCEPTION_URL in message
+    assert f"set ZOO_FID_WEIGHTS_SHA256={digest}" in message and inception.INCEPTION_URL in message
 
     # the override the line names: this file, chosen on purpose, is loaded (and said to be
     # not comparable with published FIDs)
     monkeypatch.setenv("ZOO_FID_WEIGHTS_SHA256", digest.upper())
-    extractor = fid.extractor_for(context(vae, path, valid, fid_weights=str(weights)))
+    extractor = fid.extractor_for(context(vae, path, valid, weights=str(weights)))
     assert_same_weights(extractor, state)
     assert extractor.details == {"weights_sha256": digest}
 
@@ -391,16 +416,16 @@ def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
     other = tmp_path / "other.pth"
     other.write_bytes(weights.read_bytes() + b"\0")
     with pytest.raises(ZooError, match=f"not the {digest} that .ZOO_FID_WEIGHTS_SHA256 asks"):
-        fid.extractor_for(context(vae, path, valid, fid_weights=str(other)))
+        fid.extractor_for(context(vae, path, valid, weights=str(other)))
     monkeypatch.setenv("ZOO_FID_WEIGHTS_SHA256", digest[:8])
     with pytest.raises(ZooError, match=r"ZOO_FID_WEIGHTS_SHA256 must be the 64 hex digits"):
-        fid.extractor_for(context(vae, path, valid, fid_weights=str(weights)))
+        fid.extractor_for(context(vae, path, valid, weights=str(weights)))
 
 
 def test_the_released_weights_sha256_is_the_one_their_name_carries():
     # torch.hub names a download by the first 8 hex digits of its sha256
-    assert fid.INCEPTION_FILE.removesuffix(".pth").endswith(fid.INCEPTION_SHA256[:8])
-    assert re.fullmatch("[0-9a-f]{64}", fid.INCEPTION_SHA256)
+    assert inception.INCEPTION_FILE.removesuffix(".pth").endswith(inception.INCEPTION_SHA256[:8])
+    assert re.fullmatch("[0-9a-f]{64}", inception.INCEPTION_SHA256)
 
 
 class Bomb:
@@ -441,7 +466,7 @@ def test_a_weights_file_that_runs_code_is_refused_unopened(
     else:
         bomb.write_bytes(pickle.dumps(Bomb(marker)))
     vae, path = tiny_model("vae", valid, tmp_path)
-    bench = context(vae, path, valid, fid_weights=str(bomb), n=3)
+    bench = context(vae, path, valid, weights=str(bomb), n=3)
 
     # refused by its sha256; and even when a user accepts that sha256, never unpickled
     with pytest.raises(ZooError, match=r"refusing .*weights\.pth: its sha256 is not"):
@@ -465,13 +490,13 @@ def test_a_file_that_is_not_inception_weights_is_refused(no_hub_weights, accept,
     with pytest.raises(
         ZooError, match="does not hold torch-fidelity's InceptionV3 weights"
     ) as error:
-        fid.FrechetDistance().compute(context(vae, path, valid, fid_weights=str(weights), n=3))
+        fid.FrechetDistance().compute(context(vae, path, valid, weights=str(weights), n=3))
     assert "\n" not in str(error.value)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(weights.read_bytes()[:300])
     accept(truncated)
     with pytest.raises(ZooError, match="not a readable PyTorch weights file"):
-        fid.inception_fid(truncated)
+        inception.inception_fid(truncated)
 
 
 def test_without_torch_fidelity_the_standard_fid_names_the_extra(monkeypatch):
@@ -482,4 +507,4 @@ def test_without_torch_fidelity_the_standard_fid_names_the_extra(monkeypatch):
         lambda name, *args: None if name == "torch_fidelity" else real_find_spec(name, *args),
     )
     with pytest.raises(ZooError, match=r"pip install 'zoo\[inception\]', or use --fid-features"):
-        fid.extractor_for(SimpleNamespace(settings=SimpleNamespace(fid_weights=None)), "inception")
+        fid.extractor_for(SimpleNamespace(options=lambda metric: metric.Options()), "inception")

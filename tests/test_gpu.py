@@ -27,7 +27,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import zoo
-from benchmarks.classifier_training import ClassifierSettings, train_classifier
+from benchmarks.classifier_training import (
+    ClassifierRun,
+    ClassifierSettings,
+    finished_classifier,
+)
 from zoo.data import checkpoint_data, load_data
 from zoo.precision import autocast, exact_fp32
 from zoo.registry import MODELS
@@ -152,12 +156,12 @@ def test_two_gpus_train_as_one_gpu_does(synthetic_faces, deterministic_models, t
 # left on the CPU, throughput timing without synchronisation, peak memory not reported.
 def test_zoo_bench_runs_every_offline_metric_on_the_gpu(synthetic_faces, tmp_path):
     run = train(synthetic_faces, tmp_path / "runs")
-    classifier, _ = train_classifier(
+    classifier, _ = finished_classifier(ClassifierRun(
         ClassifierSettings(
             data=synthetic_faces, image_size=16, backbone="test_resnet", max_steps=4,
             batch_size=16, device=DEVICE, out=str(tmp_path / "runs"), progress=False,
         )
-    )  # fmt: skip
+    ).run())  # fmt: skip
     out = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, "-m", "cli", "bench", str(run / "model.safetensors"), "--device",

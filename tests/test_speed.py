@@ -1,6 +1,6 @@
 """The speed benchmark's peer comparison runs the peer's own code, and says what is missing.
 
-No test here asserts a speed: `python -m benchmarks.speed` prints the numbers. A stand-in
+No test here asserts a speed: `python -m benchmarks.lab.speed` prints the numbers. A stand-in
 peer with PyTorch-VAE's interface (``models/cvae.py`` defining ``ConditionalVAE``) counts
 the images it trains on, so a harness that skipped the peer, trained it on part of the epoch,
 or imported some other ``models`` package would fail here.
@@ -8,12 +8,16 @@ or imported some other ``models`` package would fail here.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
-from benchmarks import speed
+from benchmarks.lab import speed
 
 STAND_IN = """
 from pathlib import Path
@@ -101,3 +105,57 @@ def test_the_gpu_table_measures_each_model_batch_and_precision(synthetic_faces, 
     assert [r["img_per_s"] for r in rows] == [4, 4, 8, 8]
     assert rows[2]["share_of_bf16_peak"] == pytest.approx(2 * rows[0]["share_of_bf16_peak"])
     assert result["data_on_device"] and result["bf16_matmul_peak_gflops"] > 0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_speed_lab_runs_from_a_checkout_and_is_not_installed(tmp_path):
+    """pyproject.toml leaves benchmarks.lab out of the wheel: pip installs a copy of the
+    project's packaged files into a folder, where the metrics import and the lab does not; the
+    checkout still runs it with ``python -m``."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "cli.py"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("zoo", "benchmarks"):
+        shutil.copytree(
+            ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    assert (source / "benchmarks" / "lab" / "speed.py").is_file()  # the copy has the lab
+    site = tmp_path / "site"
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
+    command += ["--no-build-isolation", "--target", str(site), str(source)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    assert (site / "benchmarks" / "fid.py").is_file() and (site / "cli.py").is_file()
+    assert not (site / "benchmarks" / "lab").exists()
+    assert not list(site.glob("benchmarks/**/speed*"))
+
+    # only the installed copy and the third-party packages, without the .pth files that would
+    # put a checkout (an editable install of zoo) on the path: python -S, no site processing
+    paths = [str(site), *{sysconfig.get_paths()[key] for key in ("purelib", "platlib")}]
+    probe = (
+        "import importlib.util, benchmarks, benchmarks.fid, zoo\n"
+        "for module in (benchmarks, benchmarks.fid, zoo):\n"
+        f"    assert module.__file__.startswith({str(site)!r}), module.__file__\n"
+        "for name in ('benchmarks.lab', 'benchmarks.speed'):\n"
+        "    assert importlib.util.find_spec(name) is None, name\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        env={"PYTHONPATH": os.pathsep.join(paths)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+
+    lab = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lab.speed", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert lab.returncode == 0 and "--only" in lab.stdout, lab.stderr

@@ -1,4 +1,4 @@
-"""Speed of training, measured honestly: ``python -m benchmarks.speed [--data DIR] [--only ...]``.
+"""Speed of training, measured honestly: ``python -m benchmarks.lab.speed [--data DIR] ...``.
 
 Prints (and with ``--out`` writes as JSON) five measurements of the default CVAE at 64 px,
 batch 64, on this machine:
@@ -52,17 +52,11 @@ from torchvision.transforms import v2
 import zoo
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.data.celeba import IMAGE_DIR, SPLIT_CODES, read_labels
-from zoo.device import (
-    autocast,
-    cpu_flags,
-    cpu_name,
-    keep_freed_memory,
-    pick_device,
-    resolve_precision,
-)
+from zoo.device import cpu_flags, cpu_name, keep_freed_memory, pick_device
 from zoo.errors import ZooError
+from zoo.precision import choose_precision
 from zoo.registry import get_model_class
-from zoo.run import FUSED_ADAM_DEVICES
+from zoo.step import all_finite, make_optimizer, measure_step_times, median_seconds, train_step
 from zoo.train import Trainer, TrainSettings
 
 BATCH = 64
@@ -84,24 +78,18 @@ def step_function(
     fused_adam: bool | None = None,
     compile_mode: str | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One Adam step of `model` as a function of a batch; returns the (device) loss.
-    ``health`` adds the trainer's finiteness check, its one host sync per step; Adam is fused
-    where the trainer fuses it unless ``fused_adam`` says otherwise."""
-    fused = device.type in FUSED_ADAM_DEVICES if fused_adam is None else fused_adam
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
+    """`zoo.step.train_step` of `model` (the trainer's Adam and learning rate) as a function of
+    a batch; returns the (device) loss. ``health`` keeps the trainer's finiteness check, its one
+    host sync per step; ``fused_adam`` overrides where the trainer fuses Adam."""
+    optimizer = make_optimizer(model.parameters(), device, TrainSettings.lr, fused=fused_adam)
     trainable = torch.compile(model, mode=compile_mode) if compile_mode else model
+    check = all_finite if health else None
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            loss = trainable(x, y)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if health:
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            bool(torch.isfinite(torch.stack([loss.detach().float(), norm])).all())
-        optimizer.step()
-        return loss.detach()
+        outcome = train_step(
+            lambda: trainable(x, y), model, optimizer, device, precision, check=check
+        )
+        return outcome.losses["loss"].detach()
 
     return step
 
@@ -109,24 +97,6 @@ def step_function(
 def median_rate(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
     """Median images/s of `step` (one batch) after `warmup` calls (oneDNN and compile settle)."""
     return BATCH / median_seconds(step, device, warmup, repeats)
-
-
-def median_seconds(
-    step: Callable[[], Any], device: torch.device, warmup: int, repeats: int
-) -> float:
-    """Median seconds of one call of `step` after `warmup` calls."""
-    for _ in range(warmup):
-        step()
-    seconds = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 # -- pipeline ------------------------------------------------------------------------------------
@@ -683,7 +653,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu": cpu_name(),
         "cpu_features": cpu_features(),
-        "auto_precision": resolve_precision(device, "auto"),
+        "auto_precision": choose_precision(device, "auto", measure_step_times).precision,
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "data": data.root,
         "data_images": len(data),
@@ -700,9 +670,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results["precision"] = measure_precision(data, device, args.curve_steps)
     if "flops" in parts:
         results["flops"] = measure_flops(data, device, results["precision"])
-    if "compile" in parts:
-        results["compile"] = measure_compile(data, device, resolve_precision(device, "auto"))
     auto = results["auto_precision"]
+    if "compile" in parts:
+        results["compile"] = measure_compile(data, device, auto)
     if "variants" in parts:
         results["variants"] = measure_variants(data, device, auto)
         results["curve_change"] = {
