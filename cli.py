@@ -37,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 import zoo
+from benchmarks.classifier_settings import ClassifierSettings
 from benchmarks.metric import BenchSettings
 from zoo.data import IMAGE_SIZE, MNIST_IMAGE_SIZE
 from zoo.errors import ZooError
@@ -178,6 +179,10 @@ def default_of(settings: type, name: str) -> Any:
 
 def _train_default(name: str) -> str:
     return f"default {default_of(TrainSettings, name)}"
+
+
+def _classifier_default(name: str) -> str:
+    return f"default {default_of(ClassifierSettings, name)}"
 
 
 def _option_name(name: str, metadata: tuple[Any, ...]) -> str:
@@ -1122,40 +1127,94 @@ def tune_edits(
 @user_errors
 def train_classifier_command(
     data: DataOption = None,
-    split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
-    eval_split: Annotated[str, typer.Option(help="Split to report accuracy on.")] = "valid",
+    split: Annotated[
+        str | None, typer.Option(help=f"Split to train on ({_classifier_default('split')}).")
+    ] = None,
+    eval_split: Annotated[
+        str | None,
+        typer.Option(help=f"Split to report accuracy on ({_classifier_default('eval_split')})."),
+    ] = None,
     image_size: Annotated[
-        int, typer.Option(help="Square image side; match the models."), IMAGE_SIZES
-    ] = 64,
+        int | None,
+        typer.Option(
+            help=f"Square image side; match the models ({_classifier_default('image_size')})."
+        ),
+        IMAGE_SIZES,
+    ] = None,
     backbone: Annotated[
-        str, typer.Option(help="timm backbone, trained from scratch.")
-    ] = "resnet18",
+        str | None,
+        typer.Option(
+            help=f"timm backbone, trained from scratch ({_classifier_default('backbone')})."
+        ),
+    ] = None,
     epochs: Annotated[
         int | None,
-        typer.Option(help="Passes over the split (12; a resumed run keeps its own)."),
+        typer.Option(
+            help=f"Passes over the split ({_classifier_default('epochs')}; a resumed run keeps "
+            "its own)."
+        ),
         COUNT,
     ] = None,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many steps."), COUNT
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step."), BATCH_SIZES] = 64,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=f"Images per step ({_classifier_default('batch_size')})."),
+        BATCH_SIZES,
+    ] = None,
     shift: Annotated[
         float | None,
-        typer.Option(help="Random translation, a fraction of the side (1/16; 0: none)."),
+        typer.Option(
+            help="Random translation, a fraction of the side, 0 for none "
+            f"(default {default_of(ClassifierSettings, 'shift'):g})."
+        ),
         Bounds(0, 0.5, high_open=True),
     ] = None,
     balanced: Annotated[
-        bool, typer.Option(help="Weight each attribute's positives by negatives/positives.")
-    ] = True,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay (0)."), Bounds(0)
+        bool | None,
+        typer.Option(
+            "--balanced/--no-balanced",
+            help="Weight each attribute's positives by negatives/positives "
+            f"({_classifier_default('balanced')}).",
+        ),
     ] = None,
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = "auto",
-    seed: SeedOption = 0,
-    device: DeviceOption = "auto",
-    out: RunsOutOption = Path("runs"),
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints."), COUNT] = 1000,
-    on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop or skip.")] = "stop",
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(help=f"AdamW weight decay ({_classifier_default('weight_decay')})."),
+        Bounds(0),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help=f"auto, fp32 or bf16 ({_classifier_default('precision')})."),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Seed of initialisation and data order ({_classifier_default('seed')})."
+        ),
+        SEEDS,
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N ({_classifier_default('device')})."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help=f"Folder that receives the run folder ({_classifier_default('out')})."),
+        Writable("folder"),
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        typer.Option(help=f"Steps between checkpoints ({_classifier_default('save_every')})."),
+        COUNT,
+    ] = None,
+    on_nan: Annotated[
+        str | None,
+        typer.Option(help=f"On a non-finite loss: stop or skip ({_classifier_default('on_nan')})."),
+    ] = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this folder from its last save.")
     ] = None,
@@ -1165,7 +1224,6 @@ def train_classifier_command(
     """Train the attribute classifier that scores edits (and gives FD-attr features)."""
     from benchmarks.classifier_training import (
         ClassifierRun,
-        ClassifierSettings,
         classifier_resume_settings,
         finished_classifier,
     )
@@ -1195,7 +1253,7 @@ def train_classifier_command(
             precision=precision,
             seed=seed,
             device=device,
-            out=str(out),
+            out=str(out) if out is not None else None,
             save_every=save_every,
             on_nan=on_nan,
             progress=progress,
