@@ -54,6 +54,8 @@ from zoo.run import RunResult, Shard, TrainingRun, stored_settings
 log = logging.getLogger(__name__)
 
 HELD_OUT_FRACTION = 0.1  # of the training split, when there is no evaluation split
+
+
 def positive_weights(attrs: torch.Tensor) -> torch.Tensor:
     """Per-attribute weight of the positive term of the loss: negatives / positives.
 
