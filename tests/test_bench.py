@@ -415,7 +415,7 @@ def test_tuned_intensities_are_used_and_never_scored_by_the_ruler_that_chose_the
     assert EditAccuracy().compute(context)["intensity"]["source"] == "default"
 
 
-# README "What happens when ...": `edit_intensity.json` beside a checkpoint is damaged
+# docs/reliability.md: `edit_intensity.json` beside a checkpoint is damaged
 @pytest.mark.parametrize(
     "content",
     [
@@ -508,7 +508,7 @@ def no_classifier():
     raise ZooError("no attribute classifier in this test")
 
 
-# README "What happens when ...": a model, metric or attribute name is unknown
+# docs/reliability.md: a model, metric or attribute name is unknown
 def test_builtin_metrics_are_registered():
     assert set(METRICS.names()) >= {"fid", "recon", "edit", "throughput"}
     with pytest.raises(ZooError, match="unknown metric 'fdi'.*'fid'.*Known metrics: .*recon"):
@@ -613,7 +613,7 @@ def test_report_schema(runs, no_fid_weights):
     assert sum(cvae["wall_time_s"].values()) > 0
 
 
-# README "What happens when ...": the FID Inception weights are not on disk
+# docs/reliability.md: the FID Inception weights are not on disk
 def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
     out = tmp_path / "results.json"
     args = [
@@ -658,7 +658,7 @@ def test_zoo_bench_end_to_end(runs, tmp_path, no_fid_weights):
     )
 
 
-# README "What happens when ...": the classifier was trained at another image size
+# docs/reliability.md: the classifier was trained at another image size
 def test_a_classifier_of_another_image_size_is_recorded_and_said(runs, synthetic_faces, tmp_path):
     path, _ = finished_classifier(ClassifierRun(
         ClassifierSettings(data=synthetic_faces, image_size=24, backbone="test_resnet",
@@ -680,7 +680,7 @@ def test_a_classifier_of_another_image_size_is_recorded_and_said(runs, synthetic
     assert result["metrics"]["fid"]["classifier_image_size"] == 24
 
 
-# README "What happens when ...": a metric raises anything (a bug, in zoo or a plugin)
+# docs/reliability.md: a metric raises anything (a bug, in zoo or a plugin)
 def test_a_metric_that_raises_is_recorded_and_the_others_still_run(runs, monkeypatch):
     def buggy(self, context):
         return {"ratio": 1 / 0}
@@ -716,7 +716,7 @@ def _moved(checkpoint: Path, out: Path, root: Path) -> Path:
     return out
 
 
-# README "What happens when ...": a checkpoint's data folder has moved or is gone
+# docs/reliability.md: a checkpoint's data folder has moved or is gone
 def test_bench_says_when_it_measures_other_data_than_the_checkpoints(
     runs, tmp_path, make_celeba, monkeypatch
 ):
@@ -750,7 +750,7 @@ def test_bench_says_when_it_measures_other_data_than_the_checkpoints(
     assert "Not the training data" in out.with_suffix(".md").read_text()
 
 
-# README "What happens when ...": no attribute classifier matches the data
+# docs/reliability.md: no attribute classifier matches the data
 def test_bench_without_runs_or_classifier_says_what_to_do(runs, tmp_path):
     result = CliRunner().invoke(app, ["bench", "--runs", str(tmp_path / "empty"), "--no-progress"])
     assert result.exit_code == 1 and "no trained models under" in result.output
@@ -796,7 +796,7 @@ def test_a_figure_whose_name_would_leave_the_report_folder_is_not_written(tmp_pa
     assert not list(tmp_path.glob("escape*")) and "is not a plain name" in caplog.text
 
 
-# README "What happens when ...": a ruler that chose a checkpoint's edit intensities ...
+# docs/reliability.md: a ruler that chose a checkpoint's edit intensities ...
 def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
     runs, synthetic_faces, tmp_path
 ):
@@ -846,7 +846,7 @@ def test_tune_edits_then_bench_scores_with_every_ruler_but_the_tuner(
     assert edit["rulers"][0]["balanced"] is False and edit["rulers"][0]["seed"] == 1
 
 
-# README "What happens when ...": the data has no test split (the CelebA sample)
+# docs/reliability.md: the data has no test split (the CelebA sample)
 def test_the_benchmark_measures_the_test_split_and_falls_back_to_valid_with_a_warning(
     make_celeba, caplog
 ):

@@ -74,7 +74,7 @@ def test_missing_file(tmp_path):
         zoo.load(tmp_path / "nope.safetensors")
 
 
-# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
+# docs/reliability.md: a checkpoint is foreign, from another zoo format, truncated
 def test_pickle_renamed_is_refused_without_unpickling(tmp_path):
     marker = tmp_path / "PWNED"  # absolute: where unpickling would write, whatever the cwd
 
@@ -90,21 +90,21 @@ def test_pickle_renamed_is_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
-# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
+# docs/reliability.md: a checkpoint is foreign, from another zoo format, truncated
 def test_safetensors_without_zoo_metadata(tmp_path):
     path = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
     assert "not a zoo model" in _refusal(path)
 
 
-# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
+# docs/reliability.md: a checkpoint is foreign, from another zoo format, truncated
 def test_foreign_format_version(tmp_path):
     path = tmp_path / "future.safetensors"
     save_file({"w": torch.zeros(2)}, str(path), metadata={"zoo.format": "99"})
     assert "has zoo format '99'" in _refusal(path)
 
 
-# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
+# docs/reliability.md: a checkpoint is foreign, from another zoo format, truncated
 def test_tensors_that_do_not_match_the_config(saved, tmp_path):
     model, path = saved
     info = zoo.read_info(path)
@@ -121,7 +121,7 @@ def test_tensors_that_do_not_match_the_config(saved, tmp_path):
     assert re.search("do not match the cvae config.*missing: decoder.project", _refusal(bad))
 
 
-# README "What happens when ...": a checkpoint is foreign, from another zoo format, truncated
+# docs/reliability.md: a checkpoint is foreign, from another zoo format, truncated
 def test_truncated_file(saved, tmp_path):
     _, path = saved
     truncated = tmp_path / "truncated.safetensors"
@@ -129,7 +129,7 @@ def test_truncated_file(saved, tmp_path):
     assert re.search("truncated|not a readable", _refusal(truncated))
 
 
-# README "What happens when ...": the loss or the gradient becomes NaN or Inf
+# docs/reliability.md: the loss or the gradient becomes NaN or Inf
 def test_nan_weights_are_never_written(tmp_path):
     model = zoo.create_model("vae", **TINY)
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_nan_weights_are_never_written(tmp_path):
     assert not path.exists()
 
 
-# README "What happens when ...": a crash happens while a checkpoint is written
+# docs/reliability.md: a crash happens while a checkpoint is written
 def test_crash_between_write_and_rename_keeps_the_old_file(saved, monkeypatch):
     model, path = saved
     before = path.read_bytes()
@@ -157,7 +157,7 @@ def test_crash_between_write_and_rename_keeps_the_old_file(saved, monkeypatch):
     assert list(path.parent.iterdir()) == [path]
 
 
-# README "What happens when ...": a crash happens while a checkpoint is written
+# docs/reliability.md: a crash happens while a checkpoint is written
 def test_a_checkpoint_is_fsynced_before_it_is_renamed_into_place(saved, monkeypatch):
     """Without the fsync, a power cut after the rename can leave a name pointing at blocks
     that never reached the disk: the rename must publish a file already on it."""
@@ -236,7 +236,7 @@ def _pickle_readers():
     }
 
 
-# README "What happens when ...": a file zoo reads is a pickle, whatever its name
+# docs/reliability.md: a file zoo reads is a pickle, whatever its name
 @pytest.mark.parametrize("write", [_raw_pickle, _torch_save_pickle])
 @pytest.mark.parametrize("reader", list(_pickle_readers()))
 def test_a_pickle_named_safetensors_is_named_a_pickle_and_never_unpickled(tmp_path, write, reader):
@@ -298,7 +298,7 @@ CRAFTED = {  # config changes -> what the one line must say
 }
 
 
-# README "What happens when ...": a checkpoint's config is crafted
+# docs/reliability.md: a checkpoint's config is crafted
 def test_crafted_configs_are_refused_before_anything_is_built(saved, tmp_path):
     """Each crafted file gets one line, in a process that cannot allocate 512 MB more than it
     holds after loading zoo: the config is checked against the header's shapes before the

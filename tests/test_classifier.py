@@ -308,7 +308,7 @@ def test_evaluation_without_shared_attributes_is_a_zoo_error() -> None:
 # -- finding a classifier ------------------------------------------------------------------------
 
 
-# README "What happens when ...": no attribute classifier matches the data
+# docs/reliability.md: no attribute classifier matches the data
 def test_find_classifiers_lists_every_match_newest_first(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     classifier = _classifier()

@@ -100,8 +100,8 @@ def test_data_synth_and_prepare(tmp_path):
     assert "20 images of 3x16x16" in result.output
 
 
-# README "What happens when ...": `--data` is missing or not a CelebA folder
-# README "What happens when ...": a model, metric or attribute name is unknown
+# docs/reliability.md: `--data` is missing or not a CelebA folder
+# docs/reliability.md: a model, metric or attribute name is unknown
 @pytest.mark.parametrize(
     "args,fragments",
     [
@@ -124,7 +124,7 @@ def test_bad_train_input_is_one_line(args, fragments, synthetic_faces, tmp_path)
     assert_one_line_error(zoo(*args, "--out", tmp_path / "runs", "--no-progress"), *fragments)
 
 
-# README "What happens when ...": `--data` is missing or not a CelebA folder
+# docs/reliability.md: `--data` is missing or not a CelebA folder
 def test_missing_celeba_file_is_named(tmp_path):
     (tmp_path / "celeba" / "img_align_celeba").mkdir(parents=True)
     result = zoo("train", "cvae", "--data", tmp_path / "celeba", "--no-progress")
@@ -149,7 +149,7 @@ def test_installed_console_script_reports_errors_in_one_line():
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-# README "What happens when ...": you press Ctrl-C while zoo starts
+# docs/reliability.md: you press Ctrl-C while zoo starts
 def test_ctrl_c_while_zoo_imports_is_one_line_not_a_traceback(tmp_path):
     """Importing torch takes seconds, so a Ctrl-C often lands in an import: here in Typer's."""
     (tmp_path / "typer.py").write_text("raise KeyboardInterrupt\n")
@@ -165,7 +165,7 @@ def test_ctrl_c_while_zoo_imports_is_one_line_not_a_traceback(tmp_path):
     assert done.returncode == -signal.SIGINT  # Python ends by the signal: a shell shows 130
 
 
-# README "What happens when ...": a numeric option is out of range, NaN or infinite
+# docs/reliability.md: a numeric option is out of range, NaN or infinite
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -207,7 +207,7 @@ def test_numeric_options_are_checked_in_one_line_naming_the_range(args, fragment
     assert_one_line_error(zoo(*args), fragment)
 
 
-# README "What happens when ...": --out is a file where a folder is wanted, or the reverse
+# docs/reliability.md: --out is a file where a folder is wanted, or the reverse
 def test_output_paths_of_the_wrong_kind_are_one_line(tmp_path):
     folder, file = tmp_path / "folder", tmp_path / "file.txt"
     folder.mkdir()
@@ -236,7 +236,7 @@ def _pickle(path, marker) -> None:
     path.write_bytes(pickle.dumps(Payload(), protocol=4))
 
 
-# README "What happens when ...": a file zoo reads is a pickle, whatever its name
+# docs/reliability.md: a file zoo reads is a pickle, whatever its name
 def test_every_file_zoo_reads_says_so_in_one_line_when_it_is_a_pickle(synthetic_faces, tmp_path):
     out = tmp_path / "runs"
     trained = zoo(

@@ -72,7 +72,7 @@ def _replace_line(path: Path, number: int, new: str | None) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-# README "What happens when ...": a label file is malformed
+# docs/reliability.md: a label file is malformed
 @pytest.mark.parametrize(
     ("file", "line", "new", "expected"),
     [
@@ -112,7 +112,7 @@ def test_a_label_file_without_the_count_line_still_parses(make_celeba):
     assert data.attr_names == ["Smiling", "Male", "Young"] and len(data) == 6
 
 
-# README "What happens when ...": an image is missing, truncated or not an image
+# docs/reliability.md: an image is missing, truncated or not an image
 def test_missing_and_corrupt_images_are_skipped_with_one_warning(make_celeba, caplog):
     root = make_celeba()
     (root / "img_align_celeba" / "000002.jpg").unlink()
@@ -127,7 +127,7 @@ def test_missing_and_corrupt_images_are_skipped_with_one_warning(make_celeba, ca
     assert "1 missing, 1 undecodable (first: 000002.jpg: no such file)" in warnings[0]
 
 
-# README "What happens when ...": an image is missing, truncated or not an image
+# docs/reliability.md: an image is missing, truncated or not an image
 def test_a_jpeg_cut_short_is_skipped_not_filled_in(make_celeba, caplog):
     """A decoder may fill the missing half of a truncated JPEG with grey and carry on."""
     root = make_celeba()
@@ -143,7 +143,7 @@ def test_a_jpeg_cut_short_is_skipped_not_filled_in(make_celeba, caplog):
     assert "truncated" in warning.lower()
 
 
-# README "What happens when ...": an image is missing, truncated or not an image
+# docs/reliability.md: an image is missing, truncated or not an image
 def test_strict_mode_names_the_first_bad_image_whether_cached_or_not(make_celeba):
     root = make_celeba()
     (root / "img_align_celeba" / "000004.jpg").write_bytes(b"\xff\xd8 truncated")
@@ -155,7 +155,7 @@ def test_strict_mode_names_the_first_bad_image_whether_cached_or_not(make_celeba
         load_data(str(root), "all", 16, strict=True, progress=False)
 
 
-# README "What happens when ...": an image is missing, truncated or not an image
+# docs/reliability.md: an image is missing, truncated or not an image
 def test_strict_mode_names_a_missing_image_whether_cached_or_not(make_celeba):
     root = make_celeba()
     (root / "img_align_celeba" / "000003.jpg").unlink()
@@ -174,7 +174,7 @@ def test_attribute_subset_in_the_order_asked(make_celeba):
     assert data.attrs[:, 1].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
 
-# README "What happens when ...": a model, metric or attribute name is unknown
+# docs/reliability.md: a model, metric or attribute name is unknown
 def test_unknown_attribute_suggests_the_closest_name(make_celeba):
     with pytest.raises(ZooError) as error:
         load_data(str(make_celeba()), "all", 16, attributes=["Smilling"], progress=False)
@@ -183,7 +183,7 @@ def test_unknown_attribute_suggests_the_closest_name(make_celeba):
     assert "Smiling, Male, Young" in str(error.value)
 
 
-# README "What happens when ...": a split is empty
+# docs/reliability.md: a split is empty
 def test_empty_split_says_which_splits_have_images(make_celeba):
     root = make_celeba(partition=(0, 0, 0, 1, 1, 1))
     with pytest.raises(
@@ -196,7 +196,7 @@ def test_empty_split_says_which_splits_have_images(make_celeba):
         load_data(str(root), "validation", 16, progress=False)
 
 
-# README "What happens when ...": an image is grayscale, RGBA, a PNG named `.jpg`
+# docs/reliability.md: an image is grayscale, RGBA, a PNG named `.jpg`
 def test_gray_rgba_png_and_odd_sized_images_become_rgb_faces(make_celeba):
     root = make_celeba()
     images = root / "img_align_celeba"
@@ -238,7 +238,7 @@ def test_second_load_reuses_the_cache_without_decoding(make_celeba, monkeypatch)
     assert second.fingerprint == first.fingerprint
 
 
-# README "What happens when": the source folder changes after `zoo data prepare`
+# docs/reliability.md: the source folder changes after `zoo data prepare`
 def test_a_changed_source_is_prepared_again(make_celeba, monkeypatch):
     root = make_celeba()
     first = load_data(str(root), "all", 16, progress=False)
@@ -255,7 +255,7 @@ def test_a_changed_source_is_prepared_again(make_celeba, monkeypatch):
     assert len(list((cache_dir() / "prepared").iterdir())) == 2
 
 
-# README "What happens when": the source folder changes after `zoo data prepare`
+# docs/reliability.md: the source folder changes after `zoo data prepare`
 def test_an_image_changed_at_the_same_size_is_prepared_again(make_celeba):
     root = make_celeba()
     first = load_data(str(root), "all", 16, progress=False)
@@ -270,7 +270,7 @@ def test_an_image_changed_at_the_same_size_is_prepared_again(make_celeba):
     assert abs(second.images[0, 0].float().mean().item() - 230) < 4  # the new pixels, not stale
 
 
-# README "What happens when": the source folder changes after `zoo data prepare`
+# docs/reliability.md: the source folder changes after `zoo data prepare`
 def test_touching_an_image_prepares_again(make_celeba):
     root = make_celeba()
     first = load_data(str(root), "all", 16, progress=False)
@@ -317,7 +317,7 @@ def _wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout: flo
         time.sleep(0.01)
 
 
-# README "What happens when": two commands prepare the same cache at once
+# docs/reliability.md: two commands prepare the same cache at once
 def test_two_processes_preparing_one_cache_at_once_both_read_it(make_celeba, tmp_path):
     root = make_celeba()
     for index, image in enumerate(sorted((root / "img_align_celeba").iterdir())):
@@ -457,7 +457,7 @@ def test_load_image_file_reads_jpeg_and_png_and_rejects_junk(tmp_path):
         load_image_file(tmp_path / "absent.png", preprocess)
 
 
-# README "What happens when ...": a split is empty
+# docs/reliability.md: a split is empty
 @pytest.mark.slow
 def test_real_celeba_sample_valid_split(celeba_sample):
     data = load_data(str(celeba_sample), "valid", 64, progress=False)

@@ -32,7 +32,7 @@ def test_spec_beats_environment_which_beats_the_default_folder(make_celeba, tmp_
     assert resolve_source(None) == ("mnist", tmp_path.resolve())
 
 
-# README "What happens when ...": `--data` is missing or not a CelebA folder
+# docs/reliability.md: `--data` is missing or not a CelebA folder
 @pytest.mark.parametrize(
     ("remove", "expected"),
     [
@@ -57,7 +57,7 @@ def test_an_explicit_folder_that_is_not_celeba_is_an_error(make_celeba, remove, 
     assert "\n" not in message
 
 
-# README "What happens when ...": `--data` is missing or not a CelebA folder
+# docs/reliability.md: `--data` is missing or not a CelebA folder
 def test_an_explicit_folder_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(ZooError, match=r"nowhere does not exist; point --data"):
@@ -66,7 +66,7 @@ def test_an_explicit_folder_that_does_not_exist_is_an_error(tmp_path, monkeypatc
         resolve_source("mnist:")
 
 
-# README "What happens when ...": `--data` is missing or not a CelebA folder
+# docs/reliability.md: `--data` is missing or not a CelebA folder
 def test_a_zipped_image_folder_gets_a_hint(make_celeba):
     root = make_celeba()
     for child in (root / "img_align_celeba").iterdir():
@@ -133,7 +133,7 @@ def test_cache_dir_order(monkeypatch, tmp_path):
     assert cache_dir() == Path(tmp_path / "home" / ".cache" / "zoo")
 
 
-# README "What happens when": `$ZOO_CACHE_DIR` is a file, or a path under a file
+# docs/reliability.md: `$ZOO_CACHE_DIR` is a file, or a path under a file
 @pytest.mark.parametrize("below", ["", "sub/folder"])
 def test_a_cache_dir_that_is_a_file_is_one_line(make_celeba, tmp_path, monkeypatch, below):
     blocker = tmp_path / "not-a-folder"

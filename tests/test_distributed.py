@@ -180,7 +180,7 @@ def resumed_command(stdout: str) -> list[str]:
     return [sys.executable, str(ROOT / "cli.py"), *shlex.split(printed)]
 
 
-# README "What happens when": you press Ctrl-C during training (--nproc)
+# docs/reliability.md: you press Ctrl-C during training (--nproc)
 @pytest.mark.parametrize("trainer", ["train", "train-classifier"])
 def test_ctrl_c_stops_both_trainers_ranks_after_a_save_and_a_working_dir_cannot_shadow_zoo(
     environment, synthetic_faces, tmp_path, trainer

@@ -382,7 +382,7 @@ def test_missing_weights_say_where_to_put_them_and_what_else_to_use(
         inception.inception_weights_path(str(tmp_path / "nowhere.pth"))
 
 
-# README "What happens when": the FID weights file is not torch-fidelity's released one
+# docs/reliability.md: the FID weights file is not torch-fidelity's released one
 def test_weights_of_another_sha256_are_refused_before_anything_reads_them(
     stand_in_weights, no_hub_weights, monkeypatch, valid, tmp_path
 ):

@@ -86,7 +86,7 @@ def colour_data(n: int = 40) -> ImageData:
     )
 
 
-# README "What happens when ...": a model, metric or attribute name is unknown
+# docs/reliability.md: a model, metric or attribute name is unknown
 def test_parse_assignments():
     assert latent.parse_assignments(["Smiling=1", "Male=0", "Eyeglasses"], ATTRS) == {
         "Smiling": 1.0,

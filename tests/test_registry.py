@@ -66,7 +66,7 @@ def test_beta_variants_only_change_the_default_beta():
     assert zoo.create_model("beta-cvae", num_attributes=3).config.beta == 4.0
 
 
-# README "What happens when ...": a model, metric or attribute name is unknown
+# docs/reliability.md: a model, metric or attribute name is unknown
 def test_unknown_model_names_the_closest_match():
     with pytest.raises(ZooError, match="unknown model 'cvea'.*'cvae'.*Known models: .*beta-cvae"):
         zoo.create_model("cvea")
@@ -94,7 +94,7 @@ def test_entry_point_plugin_is_discovered(isolated_registry, tmp_path, monkeypat
     assert entry.source == "tiny_plugin:TinyPluginVAE"
 
 
-# README "What happens when ...": a plugin raises or blocks at import (20 s limit)
+# docs/reliability.md: a plugin raises or blocks at import (20 s limit)
 def test_broken_plugin_is_reported_and_harmless(isolated_registry, tmp_path, monkeypatch):
     _plugin_module(tmp_path, monkeypatch, "raising_plugin", "raise RuntimeError('boom at import')")
     _plugin_module(tmp_path, monkeypatch, "tiny_plugin", TINY_PLUGIN)
@@ -113,17 +113,17 @@ def test_broken_plugin_is_reported_and_harmless(isolated_registry, tmp_path, mon
         zoo.create_model("raising")
 
 
-# README "What happens when ...": a plugin raises or blocks at import (20 s limit)
+# docs/reliability.md: a plugin raises or blocks at import (20 s limit)
 def test_plugin_blocking_at_import_times_out(isolated_registry, tmp_path, monkeypatch):
     _plugin_module(tmp_path, monkeypatch, "slow_plugin", "import time\ntime.sleep(30)\n")
     _inject_entry_points(monkeypatch, ("slow", "slow_plugin:Model"))
-    assert registry.PLUGIN_IMPORT_TIMEOUT_S == 20  # the limit the README states
+    assert registry.PLUGIN_IMPORT_TIMEOUT_S == 20  # the limit docs/plugins.md states
     monkeypatch.setattr(registry, "PLUGIN_IMPORT_TIMEOUT_S", 0.5)
     assert "vae" in zoo.list_models()
     assert "TimeoutError" in registry.MODELS.all_broken()[0].error
 
 
-# README "What happens when ...": a plugin raises or blocks at import (20 s limit)
+# docs/reliability.md: a plugin raises or blocks at import (20 s limit)
 def test_name_clash_with_builtin_names_both_sources(isolated_registry, tmp_path, monkeypatch):
     _plugin_module(tmp_path, monkeypatch, "tiny_plugin", TINY_PLUGIN)
     _inject_entry_points(monkeypatch, ("cvae", "tiny_plugin:TinyPluginVAE"))
@@ -171,7 +171,7 @@ def _install(site: Path, monkeypatch) -> None:
     sys.modules.pop("tiny_plugin", None)
 
 
-# README "What happens when ...": a checkpoint's model comes from a plugin that is not installed
+# docs/reliability.md: a checkpoint's model comes from a plugin that is not installed
 def test_a_checkpoint_from_a_plugin_that_is_not_installed_names_the_distribution(
     isolated_registry, tmp_path, monkeypatch
 ):

@@ -74,9 +74,9 @@ SERIES_STEPS = 200
 SERIES_SEED = int(os.environ.get("ZOO_KILL_SERIES_SEED", random.randrange(10**6)))
 
 
-# README "What happens when": you press Ctrl-C during training
-# README "What happens when": the process is killed (`kill -9`, power loss)
-# README "What happens when": a run is resumed while another process still trains it
+# docs/reliability.md: you press Ctrl-C during training
+# docs/reliability.md: the process is killed (`kill -9`, power loss)
+# docs/reliability.md: a run is resumed while another process still trains it
 def test_a_random_series_of_kills_and_ctrl_c_then_resume_equals_the_uninterrupted_run(
     synthetic_faces, tmp_path
 ):
@@ -157,7 +157,7 @@ def classifier_command(faces: str, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-# README "What happens when": the process is killed (`kill -9`), for the classifier trainer
+# docs/reliability.md: the process is killed (`kill -9`), for the classifier trainer
 def test_kill_9_of_the_classifier_trainer_then_resume_equals_the_uninterrupted_run(
     synthetic_faces, tmp_path
 ):

@@ -127,7 +127,7 @@ def infinite_gradient(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return losses
 
 
-# README "What happens when ...": the loss or the gradient becomes NaN or Inf
+# docs/reliability.md: the loss or the gradient becomes NaN or Inf
 @pytest.mark.parametrize("poison", [nan_loss, infinite_loss, infinite_gradient])
 def test_a_non_finite_step_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     faces, tmp_path, monkeypatch, poison
@@ -148,7 +148,7 @@ def test_a_non_finite_step_stops_naming_the_step_and_keeps_the_last_good_checkpo
     assert zoo.read_info(checkpoint).training["steps"] == 4
 
 
-# README "What happens when ...": the loss or the gradient becomes NaN or Inf
+# docs/reliability.md: the loss or the gradient becomes NaN or Inf
 @pytest.mark.parametrize("poison", [nan_loss, infinite_gradient])
 def test_a_non_finite_step_can_be_skipped_with_a_warning(
     faces, tmp_path, monkeypatch, caplog, poison
@@ -199,7 +199,7 @@ def signal_after_optimizer_step(monkeypatch, trainer, at_step: int, times: int =
     monkeypatch.setattr(trainer.optimizer, "step", step_then_interrupt)
 
 
-# README "What happens when": you press Ctrl-C during training
+# docs/reliability.md: you press Ctrl-C during training
 def test_ctrl_c_takes_effect_at_the_end_of_the_step(faces, tmp_path, monkeypatch):
     straight = Trainer(settings(faces, tmp_path / "a", max_steps=8, log_every=3), progress=False)
     straight.run()
@@ -219,7 +219,7 @@ def test_ctrl_c_takes_effect_at_the_end_of_the_step(faces, tmp_path, monkeypatch
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
-# README "What happens when": you press Ctrl-C during training
+# docs/reliability.md: you press Ctrl-C during training
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_save(faces, tmp_path, monkeypatch):
     at_five = Trainer(settings(faces, tmp_path / "a", max_steps=5), progress=False)
     at_five.run()
@@ -256,7 +256,7 @@ class PowerCut(Exception):
     """Stands in for a kill: the process stops mid-step and saves nothing more."""
 
 
-# README "What happens when": the process is killed (`kill -9`, power loss)
+# docs/reliability.md: the process is killed (`kill -9`, power loss)
 def test_every_step_is_in_one_record_after_kills_ctrl_c_and_resumes(faces, tmp_path, monkeypatch):
     def run_settings(out):  # records every 4 steps and at epoch ends (5 steps), saves every 3
         return settings(faces, out, epochs=10, max_steps=20, log_every=4, save_every=3)
@@ -296,7 +296,7 @@ def test_every_step_is_in_one_record_after_kills_ctrl_c_and_resumes(faces, tmp_p
     assert trainer.images_seen == straight.images_seen
 
 
-# README "What happens when": the process is killed (`kill -9`, power loss)
+# docs/reliability.md: the process is killed (`kill -9`, power loss)
 def test_resume_removes_the_temporary_files_of_killed_writes(faces, tmp_path):
     result = Trainer(settings(faces, tmp_path, max_steps=2), progress=False).run()
     run = result.run_dir
@@ -326,7 +326,7 @@ def test_a_damaged_logging_window_in_the_resume_file_is_one_line(faces, tmp_path
         Trainer(resume_settings(run, max_steps=3), resume=run, progress=False)
 
 
-# README "What happens when ...": a run's metrics.jsonl or config.json is damaged
+# docs/reliability.md: a run's metrics.jsonl or config.json is damaged
 def test_lines_of_the_metrics_log_that_are_not_records_never_stop_curves_or_a_resume(
     faces, tmp_path, caplog
 ):
@@ -360,7 +360,7 @@ def test_a_damaged_run_config_is_one_line(faces, tmp_path, content, fragment):
     assert str(run / "config.json") in str(caught.value) and "\n" not in str(caught.value)
 
 
-# README "What happens when ...": `--resume` points at data that changed, or at a folder
+# docs/reliability.md: `--resume` points at data that changed, or at a folder
 def test_resume_of_a_folder_that_never_saved(faces, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ZooError, match="config.json is missing"):
@@ -373,7 +373,7 @@ def test_resume_of_a_folder_that_never_saved(faces, tmp_path):
     assert "start a new run" in message and "\n" not in message
 
 
-# README "What happens when ...": `--resume` points at data that changed, or at a folder
+# docs/reliability.md: `--resume` points at data that changed, or at a folder
 def test_resume_on_data_that_changed_since_the_run_started(faces, tmp_path):
     data = shutil.copytree(faces, tmp_path / "faces")
     run = Trainer(settings(str(data), tmp_path, max_steps=2), progress=False).run().run_dir
