@@ -25,7 +25,7 @@ class ClassifierSettings:
     Defaults: resnet18, ``DEFAULT_EPOCHS`` epochs of batch 64, AdamW at ``DEFAULT_LR`` with a
     cosine decay to zero, random horizontal flips and shifts, binary cross-entropy with the
     positives of each attribute weighted by its negatives/positives ratio (``balanced``), bf16
-    autocast where `zoo.device` finds it fast (``precision``). The measurements behind these
+    autocast where `zoo.precision` finds it fast (``precision``). The measurements behind these
     choices are in the module docstring. ``max_steps`` caps the run (tests, smoke runs);
     ``flip`` turns the mirroring off (e.g. for digits), ``shift 0`` the translation. The loop,
     saves, resume and the non-finite rule (``on_nan``) are `zoo.run`'s, as for `zoo train`.

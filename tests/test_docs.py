@@ -129,6 +129,7 @@ def test_the_metric_plugin_of_the_docs_installs_and_benchmarks(synthetic_faces, 
     env = {**os.environ, "PYTHONPATH": path, "ZOO_CACHE_DIR": cache}
     out = tmp_path / "results.json"
     args = ["bench", run.run_dir / "model.safetensors", "--metric", "recon-l1", "--n", 4]
+    args += ["--option", "recon-l1.per_channel=true"]
     args += ["--device", "cpu", "--out", out, "--no-progress"]
     done = subprocess.run(
         [sys.executable, "-c", "import cli; cli.main()", *map(str, args)],
@@ -140,5 +141,8 @@ def test_the_metric_plugin_of_the_docs_installs_and_benchmarks(synthetic_faces, 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     [result] = json.loads(out.read_text())["results"]
-    assert result["metrics"]["recon-l1"]["n"] == 4 and 0 <= result["metrics"]["recon-l1"]["l1"] <= 1
+    metric = result["metrics"]["recon-l1"]
+    assert metric["n"] == 4 and 0 <= metric["l1"] <= 1
+    assert len(metric["l1_per_channel"]) == 3  # the option reached compute
+    assert result["options"]["recon-l1"] == {"per_channel": True}
     assert "| recon L1 |" in out.with_suffix(".md").read_text()  # its leaderboard column

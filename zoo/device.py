@@ -48,7 +48,7 @@ def keep_freed_memory() -> bool:
     PyTorch's CPU allocator mallocs and frees every activation, and glibc serves blocks of a
     few MB with fresh mmaps (or trims them off the heap) and hands them back on free, so each
     training step page faults its activations in again: about 18,000 faults and a sixth of a
-    cvae step on the 2-core EPYC of the README's speed table. torch's CPU launcher
+    cvae step on the 2-core EPYC of docs/speed.md's table. torch's CPU launcher
     (torch.backends.xeon.run_cpu) swaps in tcmalloc or jemalloc for this; glibc's own mmap and
     trim thresholds do the same in-process. No number changes; the process keeps its
     peak memory instead of shrinking between steps. True when applied; a no-op off glibc and

@@ -23,7 +23,7 @@ batch 64, on this machine:
   bf16 matmul peak measured on the spot. The uint8 images are moved to the GPU once (when
   they fit in half its free memory) and batches are indexed there, so loading never limits.
 
-Nothing here is a pass/fail test: the numbers go in the README and the issue notes.
+Nothing here is a pass/fail test: the numbers go in docs/speed.md and the issue notes.
 """
 
 from __future__ import annotations
