@@ -39,12 +39,11 @@ from rich.text import Text
 import zoo
 from benchmarks.classifier_settings import ClassifierSettings
 from benchmarks.metric import BenchSettings
-from zoo.data import IMAGE_SIZE, MNIST_IMAGE_SIZE
 from zoo.errors import ZooError
 from zoo.model import ModelConfig
 from zoo.names import printable
 from zoo.nets import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-from zoo.train import TrainSettings
+from zoo.settings import IMAGE_SIZE, MNIST_IMAGE_SIZE, TrainSettings
 
 app = typer.Typer(
     no_args_is_help=True,

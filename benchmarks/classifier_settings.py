@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zoo.data import SPLITS
 from zoo.errors import ZooError
+from zoo.settings import SPLITS
 
 DEFAULT_EPOCHS = 12
 DEFAULT_LR = 1e-3

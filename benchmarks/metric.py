@@ -27,16 +27,18 @@ import typing
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from zoo.data import ImageData
 from zoo.errors import ZooError
-from zoo.figures import Figure
-from zoo.metadata import CheckpointInfo
-from zoo.model import GenerativeModel
 from zoo.registry import PluginRegistry
+
+if TYPE_CHECKING:  # types of BenchContext's fields only: the CLI imports this module at start
+    from zoo.data import ImageData
+    from zoo.figures import Figure
+    from zoo.metadata import CheckpointInfo
+    from zoo.model import GenerativeModel
 
 log = logging.getLogger(__name__)
 

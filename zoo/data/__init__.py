@@ -24,6 +24,7 @@ from zoo.data import cache, celeba, mnist, synth
 from zoo.data.preprocess import Preprocess
 from zoo.errors import ZooError
 from zoo.files import cache_dir
+from zoo.settings import IMAGE_SIZE, MNIST_IMAGE_SIZE, SPLITS
 
 if TYPE_CHECKING:
     from zoo.metadata import CheckpointInfo
@@ -39,12 +40,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test", "all")
 DEFAULT_CELEBA = Path("data") / "celeba"
 SYNTHETIC_COUNT = 12_000
 SYNTHETIC_SIZE = 64
-IMAGE_SIZE = 64  # a source's default model input size; MNIST's digits are 28 px
-MNIST_IMAGE_SIZE = 32
 
 
 @dataclass
