@@ -176,12 +176,16 @@ def default_of(settings: type, name: str) -> Any:
     return found.default_factory()  # type: ignore[misc]
 
 
+def _default(settings: type, name: str) -> str:
+    return f"default {default_of(settings, name)}"
+
+
 def _train_default(name: str) -> str:
-    return f"default {default_of(TrainSettings, name)}"
+    return _default(TrainSettings, name)
 
 
 def _classifier_default(name: str) -> str:
-    return f"default {default_of(ClassifierSettings, name)}"
+    return _default(ClassifierSettings, name)
 
 
 def _option_name(name: str, metadata: tuple[Any, ...]) -> str:
@@ -252,6 +256,30 @@ RunsOutOption = Annotated[
     Path, typer.Option(help="Folder that receives the run folder."), Writable("folder")
 ]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
+
+
+def device_option(settings: type) -> Any:
+    """``--device`` of a command whose settings dataclass holds its default (None: that one)."""
+    help_text = f"auto (cuda, mps, cpu), cpu, cuda, cuda:N ({_default(settings, 'device')})."
+    return Annotated[str | None, typer.Option(help=help_text)]
+
+
+def runs_out_option(settings: type) -> Any:
+    """``--out`` of a trainer: the folder that receives its run folder."""
+    help_text = f"Folder that receives the run folder ({_default(settings, 'out')})."
+    return Annotated[Path | None, typer.Option(help=help_text), Writable("folder")]
+
+
+def save_every_option(settings: type) -> Any:
+    help_text = f"Steps between checkpoints ({_default(settings, 'save_every')})."
+    return Annotated[int | None, typer.Option(help=help_text), COUNT]
+
+
+def on_nan_option(settings: type) -> Any:
+    help_text = f"On a non-finite loss: stop or skip ({_default(settings, 'on_nan')})."
+    return Annotated[str | None, typer.Option(help=help_text)]
+
+
 NprocOption = Annotated[
     int,
     typer.Option(help="Processes on this machine: one DDP run, as torchrun starts it."),
@@ -321,12 +349,7 @@ def train(
     attributes: Annotated[
         str | None, typer.Option(help="Comma-separated attribute subset, e.g. Smiling,Male.")
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N ({_train_default('device')})."
-        ),
-    ] = None,
+    device: device_option(TrainSettings) = None,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -341,29 +364,18 @@ def train(
         ),
         Bounds(0),
     ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(help=f"Folder that receives the run folder ({_train_default('out')})."),
-        Writable("folder"),
-    ] = None,
+    out: runs_out_option(TrainSettings) = None,
     sample_every: Annotated[
         int | None, typer.Option(help="Steps between sample grids (default: every epoch)."), COUNT
     ] = None,
-    save_every: Annotated[
-        int | None,
-        typer.Option(help=f"Steps between checkpoints ({_train_default('save_every')})."),
-        COUNT,
-    ] = None,
+    save_every: save_every_option(TrainSettings) = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this folder from its last save.")
     ] = None,
     option: Annotated[
         list[str] | None, typer.Option("--option", "-o", help="Model config field KEY=VALUE.")
     ] = None,
-    on_nan: Annotated[
-        str | None,
-        typer.Option(help=f"On a non-finite loss: stop or skip ({_train_default('on_nan')})."),
-    ] = None,
+    on_nan: on_nan_option(TrainSettings) = None,
     strict: Annotated[
         bool | None,
         typer.Option(
@@ -860,6 +872,15 @@ def grid(
 
 
 BENCH = BenchSettings()  # the defaults the help of `zoo bench` and `zoo tune-edits` names
+EvalBatchSizeOption = Annotated[
+    int | None,
+    typer.Option(help=f"Batch size for evaluation (default: {BENCH.batch_size})."),
+    BATCH_SIZES,
+]
+BenchProgressOption = Annotated[
+    bool | None,
+    typer.Option(help=f"Show progress bars (default: {'on' if BENCH.progress else 'off'})."),
+]
 
 
 def _alias(key: str) -> str:
@@ -919,11 +940,7 @@ def bench(
         typer.Option(help=f"Seed of the generated images (default: {BENCH.seed})."),
         SEEDS,
     ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(help=f"Batch size for evaluation (default: {BENCH.batch_size})."),
-        BATCH_SIZES,
-    ] = None,
+    batch_size: EvalBatchSizeOption = None,
     classifier: Annotated[
         list[str] | None,
         typer.Option(
@@ -956,14 +973,8 @@ def bench(
         typer.Option(help="JSON report; a Markdown table is written beside it."),
         Writable("file"),
     ] = Path("results.json"),
-    device: Annotated[
-        str | None,
-        typer.Option(help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N (default: {BENCH.device})."),
-    ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option(help=f"Show progress bars (default: {'on' if BENCH.progress else 'off'})."),
-    ] = None,
+    device: device_option(BenchSettings) = None,
+    progress: BenchProgressOption = None,
 ) -> None:
     """Benchmark checkpoints: FID, reconstruction, attribute-edit accuracy and throughput."""
     from benchmarks.metric import OptionValue, resolve_options, select_metrics
@@ -1059,19 +1070,9 @@ def tune_edits(
         typer.Option(help="Least mean preservation an attribute's intensity may cost."),
         Bounds(0, 1),
     ] = 0.9,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(help=f"Batch size for evaluation (default: {BENCH.batch_size})."),
-        BATCH_SIZES,
-    ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N (default: {BENCH.device})."),
-    ] = None,
-    progress: Annotated[
-        bool | None,
-        typer.Option(help=f"Show progress bars (default: {'on' if BENCH.progress else 'off'})."),
-    ] = None,
+    batch_size: EvalBatchSizeOption = None,
+    device: device_option(BenchSettings) = None,
+    progress: BenchProgressOption = None,
 ) -> None:
     """Choose each attribute's edit intensity on a validation split with a panel of rulers,
     and store it beside the checkpoint for zoo bench."""
@@ -1194,26 +1195,10 @@ def train_classifier_command(
         ),
         SEEDS,
     ] = None,
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help=f"auto (cuda, mps, cpu), cpu, cuda, cuda:N ({_classifier_default('device')})."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(help=f"Folder that receives the run folder ({_classifier_default('out')})."),
-        Writable("folder"),
-    ] = None,
-    save_every: Annotated[
-        int | None,
-        typer.Option(help=f"Steps between checkpoints ({_classifier_default('save_every')})."),
-        COUNT,
-    ] = None,
-    on_nan: Annotated[
-        str | None,
-        typer.Option(help=f"On a non-finite loss: stop or skip ({_classifier_default('on_nan')})."),
-    ] = None,
+    device: device_option(ClassifierSettings) = None,
+    out: runs_out_option(ClassifierSettings) = None,
+    save_every: save_every_option(ClassifierSettings) = None,
+    on_nan: on_nan_option(ClassifierSettings) = None,
     resume: Annotated[
         Path | None, typer.Option(help="Continue the run in this folder from its last save.")
     ] = None,
