@@ -155,3 +155,27 @@ def deterministic_models(tmp_path_factory) -> dict[str, str]:
     )
     path = os.pathsep.join(filter(None, [str(site), str(ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "ZOO_CACHE_DIR": str(site / "cache")}
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(synthetic_faces, tmp_path_factory) -> Path:
+    """A one-step VAE at 16 px on the synthetic faces."""
+    from zoo.train import Trainer, TrainSettings
+
+    folder = tmp_path_factory.mktemp("tiny-vae")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZOO_CACHE_DIR", str(folder / "cache"))
+        result = Trainer(
+            TrainSettings(
+                model="vae",
+                model_config={"base_channels": 4, "max_channels": 8, "latent_dim": 4},
+                data=synthetic_faces,
+                image_size=16,
+                max_steps=1,
+                batch_size=16,
+                out=str(folder / "runs"),
+                device="cpu",
+            ),
+            progress=False,
+        ).run()
+    return result.run_dir / "model.safetensors"
