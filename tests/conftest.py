@@ -16,6 +16,12 @@ from zoo.precision import StepTimes, store_measurement
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per xdist worker, for this process and the zoo commands it starts:
+    # two workers of two threads each on a 2-core machine slow each other many times over
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def celeba_sample() -> Path:
