@@ -53,6 +53,11 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Prepare CelebA caches and synthetic faces.")
 app.add_typer(data_app, name="data")
+study_app = typer.Typer(
+    no_args_is_help=True,
+    help="Studies: models x settings x seeds from a TOML file, with error bars (docs/studies.md).",
+)
+app.add_typer(study_app, name="study")
 
 
 class PlainConsole(Console):
@@ -1262,6 +1267,203 @@ def train_classifier_command(
         f"({evaluation['n']} images); wrote {path}",
         soft_wrap=True,
     )
+
+
+def _command_options() -> dict[str, set[str]]:
+    """Each zoo command's option names as a study file spells them (dashes as underscores),
+    read from the commands themselves so a study can set exactly what a user can type."""
+    group = typer.main.get_command(app)
+    known = {}
+    for name in ("train", "bench", "train-classifier"):
+        command = group.commands[name]  # type: ignore[attr-defined]
+        known[name] = {
+            option.lstrip("-").replace("-", "_")
+            for parameter in command.params
+            for option in parameter.opts
+            if option.startswith("--")
+        }
+    return known
+
+
+def _key_values(items: list[str] | None, what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ZooError(f"{what} {item!r} is not KEY=VALUE (for example --sbatch account=lab)")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+@study_app.command("run")
+@user_errors
+def study_run(
+    study_file: Annotated[Path, typer.Argument(metavar="STUDY.toml", help="The study file.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Study folder (default studies/<the study's name>); run again to resume."
+        ),
+        Writable("folder"),
+    ] = None,
+    executor: Annotated[
+        str, typer.Option(help="local (submitit, this machine), slurm (submitit) or inline.")
+    ] = "local",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Cells at once on this machine (local); more than 1 only with cores "
+            "(or GPUs) to spare."
+        ),
+        COUNT,
+    ] = 1,
+    retries: Annotated[
+        int, typer.Option(help="Runs of a failed cell after the first (it resumes)."), Bounds(0)
+    ] = 1,
+    partition: Annotated[str | None, typer.Option(help="slurm: the partition.")] = None,
+    time_min: Annotated[
+        int, typer.Option("--time", help="slurm: time limit per cell, minutes."), COUNT
+    ] = 60 * 24,
+    gpus_per_node: Annotated[
+        int | None,
+        typer.Option(help="slurm: GPUs per cell (set nproc in the study for DDP)."),
+        Bounds(0),
+    ] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(help="slurm: CPUs per task."), COUNT] = None,
+    mem_gb: Annotated[
+        float | None, typer.Option(help="slurm: memory per cell, GB."), Bounds(0, low_open=True)
+    ] = None,
+    array_parallelism: Annotated[
+        int, typer.Option(help="slurm: cells of the array running at once."), COUNT
+    ] = 256,
+    sbatch: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="slurm: an extra #SBATCH --KEY=VALUE line."),
+    ] = None,
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(metavar="LINE", help="slurm: a shell line run before each cell."),
+    ] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Run every cell of a study not done yet, then write its report."""
+    from benchmarks.study.driver import (
+        EXECUTORS,
+        InlineExecutor,
+        LocalExecutor,
+        SlurmExecutor,
+        SlurmOptions,
+        run_study,
+    )
+    from benchmarks.study.report import write_report, write_study_record
+    from benchmarks.study.spec import STUDY_COPY, load_study
+    from zoo.files import atomic_write_bytes
+    from zoo.progress import training_progress
+
+    if executor not in EXECUTORS:
+        raise ZooError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    study = load_study(study_file, _command_options())
+    study_dir = out if out is not None else Path("studies") / study.name
+    slurm = SlurmOptions(
+        partition=partition,
+        time_min=time_min,
+        gpus_per_node=gpus_per_node,
+        cpus_per_task=cpus_per_task,
+        mem_gb=mem_gb,
+        array_parallelism=array_parallelism,
+        sbatch=_key_values(sbatch, "--sbatch"),
+        setup=list(setup or []),
+    )
+
+    def make_executor(nproc: int) -> Any:
+        if executor == "inline":
+            return InlineExecutor()
+        if executor == "local":
+            return LocalExecutor(study_dir, jobs)
+        return SlurmExecutor(study_dir, slurm, nproc)
+
+    make_executor(1)  # a missing submitit is one line now, not after the folder is made
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(study_dir / STUDY_COPY, study_file.read_bytes())
+    write_study_record(
+        study_dir, study.name, [(c.row, c.label) for c in study.model_cells()], study.baseline
+    )
+    program = [sys.executable, str(Path(__file__).resolve())]
+    total = len(study.cells)
+    console.print(
+        f"study {study.name}: {total} cells ({len(study.model_cells())} trainings) in "
+        f"{study_dir}, executor {executor}",
+        soft_wrap=True,
+    )
+    with training_progress(progress) as bar:
+        task = bar.add_task("cells", total=total, stats="")
+
+        def on_change(done: int, total: int, running: int, failed: int) -> None:
+            bar.update(task, completed=done, stats=f"running {running}  failed {failed}")
+
+        outcome = run_study(study, study_dir, program, make_executor, retries, on_change)
+    for name, line in outcome.failed.items():
+        err_console.print(styled("failed:", "red", f"{name}: {line}"), soft_wrap=True)
+    written, note = write_report(study_dir)
+    console.print(
+        f"{len(outcome.done)}/{total} cells done; wrote {', '.join(map(str, written))}",
+        soft_wrap=True,
+    )
+    if note:
+        err_console.print(styled("note:", "yellow", note), soft_wrap=True)
+    if outcome.interrupted:
+        console.print(
+            f"interrupted; run `zoo study run {study_file} --out {study_dir}` again to resume",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+@study_app.command("status")
+@user_errors
+def study_status(
+    study_dir: Annotated[Path, typer.Argument(metavar="STUDY_DIR", help="A study folder.")],
+) -> None:
+    """A table of the study's cells: state, attempts, time used and, for failures, why."""
+    from benchmarks.study.report import cell_views
+
+    views = cell_views(study_dir)
+    table = plain_table(f"study {study_dir}")
+    for column in ("cell", "row", "seed", "state", "attempts", "time", "error"):
+        table.add_column(column)
+    counts: dict[str, int] = {}
+    for view in views:
+        counts[view.state] = counts.get(view.state, 0) + 1
+        table.add_row(
+            *cells(
+                view.name,
+                view.label,
+                "-" if view.seed is None else view.seed,
+                view.state,
+                view.status.attempts,
+                f"{view.status.seconds:.0f} s",
+                view.status.error or "",
+            )
+        )
+    (console if console.is_terminal else PlainConsole(width=200)).print(table)
+    console.print(", ".join(f"{count} {state}" for state, count in sorted(counts.items())))
+
+
+@study_app.command("report")
+@user_errors
+def study_report(
+    study_dir: Annotated[Path, typer.Argument(metavar="STUDY_DIR", help="A study folder.")],
+) -> None:
+    """Write report.json, report.md and report.png: mean, sd, n and 95 % interval per row,
+    and paired comparisons with the baseline row."""
+    from benchmarks.study.report import write_report
+
+    written, note = write_report(study_dir)
+    console.print(f"wrote {', '.join(map(str, written))}", soft_wrap=True)
+    if note:
+        err_console.print(styled("note:", "yellow", note), soft_wrap=True)
 
 
 def main() -> None:

@@ -47,21 +47,23 @@ def loss_terms(records: list[dict[str, Any]]) -> list[str]:
     return terms
 
 
-def _pyplot() -> Any:
+def pyplot_for(what: str) -> Any:
+    """matplotlib's pyplot drawing to files only; without the plots extra, one line saying
+    that drawing ``what`` needs it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only: no display, no GUI toolkit
         from matplotlib import pyplot
     except ImportError:
-        raise ZooError(f"drawing loss curves needs matplotlib; {PLOTS_HINT}") from None
+        raise ZooError(f"drawing {what} needs matplotlib; {PLOTS_HINT}") from None
     return pyplot
 
 
 def draw_curves(runs: dict[str, list[dict[str, Any]]], out: Path, title: str = "") -> Path:
     """One panel per loss term, each run a line labelled by its key; epoch boundaries of the
     first run dotted. Written atomically (a crash leaves the previous picture)."""
-    pyplot = _pyplot()
+    pyplot = pyplot_for("loss curves")
     terms: list[str] = []
     for records in runs.values():
         terms += [term for term in loss_terms(records) if term not in terms]
