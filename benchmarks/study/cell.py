@@ -137,6 +137,8 @@ def run_cell(cell_dir: str, program: list[str]) -> str:
             status.seconds += time.monotonic() - start
             write_status(folder, status)
             raise
+        if status.error:  # the log keeps every attempt's reason; the status only the last
+            append_text(folder / LOG_FILE, f"attempt {status.attempts}: {status.error}\n")
         status.seconds += time.monotonic() - start
         status.finished = time.time()
         write_status(folder, status)

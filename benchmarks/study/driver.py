@@ -255,8 +255,8 @@ def _run_round(
             status = read_status(folder)
             if is_done(folder):
                 outcome.done.append(name)
-            elif attempts[name] <= retries:
-                todo.append(by_name[name])
+            elif attempts[name] <= retries:  # again at once: it resumes from its last save
+                todo.insert(0, by_name[name])
             else:
                 if status.state == "running":  # its process died before it could say why
                     status.state = "failed"
