@@ -469,3 +469,16 @@ def test_the_slurm_executor_submits_an_array_with_the_options_asked_for(tmp_path
         assert (cell / "slurm-job.txt").read_text().startswith("1000_")
         mse = report["rows"][0]["metrics"]["MSE"]["values"][cell.name[-1]]
         assert results_of(cell)["recon"]["mse"] == mse
+
+
+def test_without_submitit_the_local_executor_names_the_extra_in_one_line(tmp_path, monkeypatch):
+    path = write_study(tmp_path, "[[models]]\nname = 'vae'\n", "faces")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now fails
+    done = CliRunner().invoke(cli.app, ["study", "run", str(path)])
+    assert done.exit_code == 1
+    assert done.output.strip().splitlines() == [
+        "error: the local and slurm executors need submitit: pip install 'zoo[cluster]' "
+        "(or run with --executor inline)"
+    ]
+    assert not (tmp_path / "studies").exists()
