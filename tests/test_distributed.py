@@ -1,5 +1,6 @@
 """DDP: `zoo train --nproc 2` (torchrun, gloo on CPU) matches one process with the same batch,
-however the global batch splits across the ranks (unevenly, or leaving a rank no image)."""
+however the global batch splits across the ranks (unevenly, or leaving a rank no image); an
+srun step's tasks (Slurm's variables, set by hand) train as torchrun's processes do."""
 
 from __future__ import annotations
 
@@ -20,7 +21,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import zoo
-from zoo.distributed import Ranks, join, without_nproc, worker_command
+from zoo.distributed import (
+    Ranks,
+    first_host,
+    free_port,
+    hostnames,
+    join,
+    launched_ranks,
+    without_nproc,
+    worker_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,11 +53,14 @@ def zoo_command(environment, cwd: Path, *args: str) -> subprocess.CompletedProce
     return done
 
 
-def train(environment, faces: str, out: Path, model: str, *extra: str) -> Path:
-    args = ["train", model, "--data", faces, "--image-size", "16", "--precision", "fp32",
+def train_args(faces: str, out: Path, model: str, *extra: str) -> list[str]:
+    return ["train", model, "--data", faces, "--image-size", "16", "--precision", "fp32",
             "--out", str(out), "--no-progress", "--latent-dim", "4", "-o", "base_channels=4",
             "-o", "max_channels=8", *extra]  # fmt: skip
-    zoo_command(environment, out.parent, *args)
+
+
+def train(environment, faces: str, out: Path, model: str, *extra: str) -> Path:
+    zoo_command(environment, out.parent, *train_args(faces, out, model, *extra))
     [run] = out.iterdir()
     return run
 
@@ -90,16 +103,24 @@ def test_two_processes_match_one_for_any_batch_split_and_after_a_resume(
     assert len(list((tmp_path / "two").iterdir())) == 1  # the ranks shared one run folder
 
 
+TCVAE_EPOCH = ["det-tcvae", *BATCHES, "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def tcvae_two_processes(environment, synthetic_faces, tmp_path_factory) -> Path:
+    """`--nproc 2`'s run of `TCVAE_EPOCH`, for the tests that compare a run with it."""
+    out = tmp_path_factory.mktemp("tcvae") / "two"
+    return train(environment, synthetic_faces, out, *TCVAE_EPOCH, "--nproc", "2")
+
+
 def test_beta_tcvae_estimates_q_of_z_over_the_global_batch_under_ddp(
-    environment, synthetic_faces, tmp_path
+    environment, synthetic_faces, tmp_path, tcvae_two_processes
 ):
     """Its total-correlation term compares every image with every other of the batch: two
     processes must gather each other's posteriors to match one (the last batch of the epoch
     leaves rank 1 without images)."""
-    single = train(environment, synthetic_faces, tmp_path / "one", "det-tcvae", *BATCHES,
-                   "--epochs", "1")  # fmt: skip
-    double = train(environment, synthetic_faces, tmp_path / "two", "det-tcvae", *BATCHES,
-                   "--epochs", "1", "--nproc", "2")  # fmt: skip
+    single = train(environment, synthetic_faces, tmp_path / "one", *TCVAE_EPOCH)
+    double = tcvae_two_processes
     one, two = weights(single), weights(double)
     assert (one - two).norm() / one.norm() < 1e-5
     for a, b in zip(records(single), records(double), strict=True):
@@ -116,12 +137,106 @@ def test_each_rank_binds_its_gpu_before_the_process_group_starts(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, **given: calls.append(("init", backend, given))
+    )
     join(Ranks(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1))
-    assert calls == [("set", torch.device("cuda", 1)), ("init", "nccl")]
+    given = {"init_method": "env://", "rank": 1, "world_size": 2}
+    assert calls == [("set", torch.device("cuda", 1)), ("init", "nccl", given)]
     calls.clear()
-    join(Ranks(rank=1, world_size=2, local_rank=1), torch.device("cpu"))
-    assert calls == [("init", "gloo")]
+    join(Ranks(rank=1, world_size=2, local_rank=1, rendezvous="tcp://node01:10123"),
+         torch.device("cpu"))  # fmt: skip
+    assert calls == [("init", "gloo", {**given, "init_method": "tcp://node01:10123"})]
+
+
+def test_slurm_host_lists_expand_in_order_keeping_zero_padding():
+    assert list(hostnames("node01")) == ["node01"]
+    assert list(hostnames("node[01-04,07]")) == ["node01", "node02", "node03", "node04", "node07"]
+    assert list(hostnames("gpu-a[3-5],gpu-b7")) == ["gpu-a3", "gpu-a4", "gpu-a5", "gpu-b7"]
+    assert list(hostnames("rack[1-2]-n[08-09]")) == ["rack1-n08", "rack1-n09", "rack2-n08",
+                                                     "rack2-n09"]  # fmt: skip
+    assert first_host("localhost") == "localhost"
+    assert first_host("node[099-101]") == "node099"
+
+
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def launcher_free(monkeypatch) -> pytest.MonkeyPatch:
+    """No torchrun or Slurm variables from the shell that runs the tests."""
+    for name in [*LAUNCH_VARIABLES, *(n for n in os.environ if n.startswith("SLURM_"))]:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def set_srun_task(monkeypatch, rank: int, tasks: int, *, step: bool = True) -> None:
+    """The variables Slurm gives task ``rank`` of an srun step (or, without ``step``, the batch
+    script of a job of ``tasks`` tasks, where SLURM_PROCID is 0 and there is no step id)."""
+    variables = {"SLURM_NTASKS": str(tasks), "SLURM_PROCID": str(rank if step else 0),
+                 "SLURM_LOCALID": str(rank % 2 if step else 0), "SLURM_JOB_ID": "123456",
+                 "SLURM_JOB_NODELIST": "node[07-08]", "SLURM_NODELIST": "node[07-08]"}  # fmt: skip
+    if step:
+        variables |= {"SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "node[07-08]"}
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_launched_ranks_are_torchruns_else_an_srun_steps_else_a_world_of_one(launcher_free):
+    assert launched_ranks() == Ranks()
+    launcher_free.setenv("WORLD_SIZE", "4")
+    launcher_free.setenv("RANK", "3")
+    launcher_free.setenv("LOCAL_RANK", "1")
+    assert launched_ranks() == Ranks(rank=3, world_size=4, local_rank=1, rendezvous="env://")
+    set_srun_task(launcher_free, 2, 4)
+    assert launched_ranks() == Ranks(3, 4, 1)  # torchrun's win (--nproc inside a Slurm job)
+    for name in LAUNCH_VARIABLES:
+        launcher_free.delenv(name, raising=False)
+    # every task derives the same port from the job id: 10000 + 123456 % 20000
+    assert launched_ranks() == Ranks(2, 4, 0, rendezvous="tcp://node07:13456")
+    launcher_free.setenv("MASTER_ADDR", "10.0.0.5")
+    launcher_free.setenv("MASTER_PORT", "29500")
+    assert launched_ranks().rendezvous == "tcp://10.0.0.5:29500"
+
+
+def test_a_batch_script_outside_srun_is_a_world_of_one_not_rank_0_of_its_job(launcher_free):
+    """Slurm sets SLURM_NTASKS and SLURM_PROCID=0 in the batch script of a multi-task job too:
+    taken for rank 0 of 4, `zoo train` there would wait forever for the other three."""
+    set_srun_task(launcher_free, 0, 4, step=False)
+    assert launched_ranks() == Ranks()
+    set_srun_task(launcher_free, 0, 1)  # an srun step of one task
+    assert launched_ranks() == Ranks()
+
+
+def test_an_srun_step_of_two_tasks_trains_as_torchruns_two_processes(
+    environment, synthetic_faces, tmp_path, tcvae_two_processes
+):
+    """`srun zoo train` without torchrun: two processes given only Slurm's variables (set by
+    hand as srun sets them: there is no cluster here) save the weights of `--nproc 2`'s two,
+    gathering each other's posteriors and leaving rank 1 without images in the last batch."""
+    out = tmp_path / "srun"
+    command = [sys.executable, str(ROOT / "cli.py"), *train_args(synthetic_faces, out,
+                                                                 *TCVAE_EPOCH)]  # fmt: skip
+    shell = {name: value for name, value in environment.items()
+             if name not in LAUNCH_VARIABLES and not name.startswith("SLURM_")}  # fmt: skip
+    job = {**shell, "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(free_port())}  # fmt: skip
+    piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    tasks = [
+        subprocess.Popen(command, cwd=tmp_path, **piped,
+                         env={**job, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)})
+        for rank in range(2)
+    ]  # fmt: skip
+    try:
+        outputs = [task.communicate(timeout=300)[0] for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+            task.wait()
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    [srun] = out.iterdir()  # one run folder: alone, each task would have made its own
+    assert zoo.read_info(srun / "model.safetensors").training["processes"] == 2
+    assert torch.equal(weights(srun), weights(tcvae_two_processes))
 
 
 def test_the_ranks_run_zoos_own_cli_file_without_the_nproc_option():

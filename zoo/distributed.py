@@ -1,6 +1,7 @@
 """Several processes, one run: PyTorch DDP under ``torchrun``, or the ``--nproc`` shortcut.
 
-``torchrun`` (or `run_local_world`, behind ``--nproc``) sets RANK / WORLD_SIZE / LOCAL_RANK;
+``torchrun`` (or `run_local_world`, behind ``--nproc``) sets RANK / WORLD_SIZE / LOCAL_RANK,
+or ``srun`` sets Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (`slurm_ranks`);
 the trainer then joins the process group (NCCL on CUDA, gloo on CPU), shards each global
 batch across the ranks, and lets rank 0 alone log and save. Small tensors, never pickles, carry
 the few things ranks must agree on. A process on its own is a world of one (`Ranks()`),
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import os
+import re
 import runpy
 import signal
 import socket
@@ -42,6 +45,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    rendezvous: str = "env://"  # torch's init_method: torchrun's MASTER_ADDR / MASTER_PORT
 
     @property
     def is_main(self) -> bool:
@@ -124,8 +128,12 @@ def gather_batch(rows: torch.Tensor) -> torch.Tensor:
 
 
 def launched_ranks() -> Ranks:
-    """The ranks torchrun gave this process; a world of one when it runs alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """The ranks torchrun (or ``--nproc``) gave this process, else those of an srun step; a
+    world of one when it runs alone. torchrun's variables win: ``zoo train --nproc N`` in a
+    Slurm job gives its ranks WORLD_SIZE, and they must not read the job's SLURM_* instead."""
+    if "WORLD_SIZE" not in os.environ:
+        return slurm_ranks()
+    world_size = int(os.environ["WORLD_SIZE"])
     if world_size <= 1:
         return Ranks()
     return Ranks(
@@ -135,14 +143,83 @@ def launched_ranks() -> Ranks:
     )
 
 
+SLURM_PORTS = (10000, 20000)  # first port, count: below Linux's ephemeral ports (32768 on)
+
+
+def slurm_ranks() -> Ranks:
+    """The ranks of an ``srun`` step of several tasks, so ``srun zoo train`` is a DDP run
+    without torchrun; a world of one otherwise.
+
+    The rendezvous is MASTER_ADDR / MASTER_PORT when set, else the step's first node and a port
+    every task derives from the job id alone, so they agree without talking.
+    """
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    # The batch script of a multi-task job also has SLURM_NTASKS and SLURM_PROCID=0, but only
+    # the tasks of an srun step have SLURM_STEP_ID: taken for rank 0, that lone shell would
+    # wait forever for ranks that never start.
+    if tasks <= 1 or "SLURM_PROCID" not in os.environ or "SLURM_STEP_ID" not in os.environ:
+        return Ranks()
+    # task 0 runs on the step's first node, the job's unless srun took only some of its nodes
+    address = os.environ.get("MASTER_ADDR") or first_host(
+        slurm_variable("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    )
+    port = os.environ.get("MASTER_PORT") or str(
+        SLURM_PORTS[0] + int(slurm_variable("SLURM_JOB_ID")) % SLURM_PORTS[1]
+    )
+    host = f"[{address}]" if ":" in address else address  # an IPv6 address
+    return Ranks(
+        rank=int(os.environ["SLURM_PROCID"]),
+        world_size=tasks,
+        local_rank=int(os.environ.get("SLURM_LOCALID", "0")),
+        rendezvous=f"tcp://{host}:{port}",
+    )
+
+
+def slurm_variable(*names: str) -> str:
+    """The first of ``names`` set in the environment, or an error saying what to set instead."""
+    for name in names:
+        if os.environ.get(name):
+            return os.environ[name]
+    raise ZooError(f"an srun step without {names[0]}: set MASTER_ADDR and MASTER_PORT")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list (``node[01-04,07],gpu7`` -> ``node01``)."""
+    return next(hostnames(nodelist))
+
+
+def hostnames(nodelist: str) -> Iterator[str]:
+    """The hosts of a Slurm host list, in order: comma-separated names, each of which may hold
+    bracketed ranges (``node[01-04,07]``, ``rack[1-2]-n[3,5]``) whose zero padding is kept."""
+    for name in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        pieces = re.split(r"\[([^\]]*)\]", name)  # literal, ranges, literal, ranges, ..., literal
+        choices = [[piece] if i % 2 == 0 else _numbers(piece) for i, piece in enumerate(pieces)]
+        yield from ("".join(parts) for parts in itertools.product(*choices))
+
+
+def _numbers(ranges: str) -> list[str]:
+    """``01-03,7`` -> ``01 02 03 7``: each range padded to the width of its first bound."""
+    numbers = []
+    for item in ranges.split(","):
+        low, _, high = item.partition("-")
+        numbers.extend(str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1))
+    return numbers
+
+
 def join(ranks: Ranks, device: torch.device) -> None:
-    """Join the process group: NCCL between GPUs, gloo between CPU processes."""
+    """Join the process group: NCCL between GPUs, gloo between CPU processes. The rank and
+    world size are passed, not left to the environment, where srun's tasks have neither."""
     if not dist.is_available():
         raise ZooError("this PyTorch build has no torch.distributed; run without torchrun")
     if device.type == "cuda":  # before the group starts, so NCCL binds this rank to its GPU
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            init_method=ranks.rendezvous,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+        )
 
 
 def leave(*, settled: bool = False) -> None:
