@@ -23,6 +23,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long tests first (stable otherwise): started last, one of them would keep a worker
+    busy minutes after the others have run out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session")
 def celeba_sample() -> Path:
     """The real 5,340-image CelebA sample on the development machine; skipped elsewhere."""

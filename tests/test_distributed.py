@@ -80,6 +80,7 @@ def records(run: Path) -> list[dict]:
 BATCHES = ["--batch-size", "19", "--save-every", "3"]
 
 
+@pytest.mark.long
 def test_two_processes_match_one_for_any_batch_split_and_after_a_resume(
     environment, synthetic_faces, tmp_path
 ):
@@ -297,6 +298,7 @@ def resumed_command(stdout: str) -> list[str]:
 
 # docs/reliability.md: you press Ctrl-C during training (--nproc)
 @pytest.mark.parametrize("trainer", ["train", "train-classifier"])
+@pytest.mark.long
 def test_ctrl_c_stops_both_trainers_ranks_after_a_save_and_a_working_dir_cannot_shadow_zoo(
     environment, synthetic_faces, tmp_path, trainer
 ):

@@ -153,6 +153,7 @@ def test_the_attribute_loss_makes_swapped_decodes_obey_the_head():
     assert swapped_head_accuracy(on) > 0.7  # 0.97-1.00
 
 
+@pytest.mark.long
 def test_head_noise_makes_the_attribute_loss_draw_what_another_ruler_reads():
     """A plain head is fooled by a faint square the exact ruler rejects; a smoothed one is not.
 
@@ -163,6 +164,7 @@ def test_head_noise_makes_the_attribute_loss_draw_what_another_ruler_reads():
     assert edit_accuracy(smoothed) > 0.8  # 0.98-1.00
 
 
+@pytest.mark.long
 def test_a_patch_critic_turns_faint_squares_into_squares():
     """The plain attribute loss settles for a faint square; no reconstruction has one, and a
     critic of 10 px patches (two stages, as `film-attr-critic-cvae` judges 22 px of 64) sees
@@ -225,6 +227,7 @@ def part_step_accuracy(model: zoo.GenerativeModel, part: float = 0.6) -> float:
     return (ruler(edit_by_labels(model, x, y, partway)) == 1 - y[:, 0]).float().mean().item()
 
 
+@pytest.mark.long
 def test_partial_steps_make_the_decoder_edit_within_part_of_the_label_change():
     """Trained on full flips, 0.6 of a label step draws a faint square the ruler rejects."""
     config = {"steps": 600, "attr_weight": 100.0, "head_noise": 1.0}
@@ -234,6 +237,7 @@ def test_partial_steps_make_the_decoder_edit_within_part_of_the_label_change():
     assert part_step_accuracy(partial) > 0.65  # 0.85-0.98
 
 
+@pytest.mark.long
 def test_a_lighter_loss_on_kept_labels_lets_an_edit_break_a_correlation():
     """Adding the square while keeping its companion label asks the head for a contradiction;
     with every label weighted alike the decoder settles for a square the ruler rejects."""
@@ -256,6 +260,7 @@ def test_a_lighter_loss_on_kept_labels_lets_an_edit_break_a_correlation():
     assert accuracy[0.1] > 0.8, accuracy  # 0.96-1.00
 
 
+@pytest.mark.long
 def test_a_patch_critic_lets_an_edit_draw_a_combination_no_image_has():
     """Adding the corner square to a face without the first one makes an image no
     reconstruction looks like, but every 4 px patch of it looks like some reconstruction's.

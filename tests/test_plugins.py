@@ -46,6 +46,7 @@ def zoo_command(env: dict[str, str], *args: object, cwd: Path) -> subprocess.Com
     )
 
 
+@pytest.mark.long
 def test_installed_plugin_works_with_every_command(installed, synthetic_faces, tmp_path):
     env = {**installed, "ZOO_CACHE_DIR": str(tmp_path / "cache")}
     listed = zoo_command(env, "list", cwd=tmp_path)
@@ -343,6 +344,7 @@ def test_a_plugin_metric_gets_its_options_from_the_command_line(option_plugin, t
     }  # fmt: skip
 
 
+@pytest.mark.long
 def test_help_metric_lists_a_plugin_metrics_options_and_bad_ones_are_one_line(
     option_plugin, tmp_path
 ):

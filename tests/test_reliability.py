@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,7 @@ SERIES_SEED = int(os.environ.get("ZOO_KILL_SERIES_SEED", random.randrange(10**6)
 # docs/reliability.md: you press Ctrl-C during training
 # docs/reliability.md: the process is killed (`kill -9`, power loss)
 # docs/reliability.md: a run is resumed while another process still trains it
+@pytest.mark.long
 def test_a_random_series_of_kills_and_ctrl_c_then_resume_equals_the_uninterrupted_run(
     synthetic_faces, tmp_path
 ):

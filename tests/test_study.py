@@ -163,6 +163,7 @@ def test_study_file_mistakes_are_one_line_naming_the_file(tmp_path, monkeypatch,
 # --- real studies ----------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_a_local_submitit_study_finishes_and_reports_what_zoo_bench_gives(
     tmp_path, synthetic_faces
 ):
@@ -224,6 +225,7 @@ def test_a_local_submitit_study_finishes_and_reports_what_zoo_bench_gives(
     assert shown.returncode == 0 and "9 done" in shown.stdout
 
 
+@pytest.mark.long
 def test_a_cell_the_model_rejects_fails_after_its_retries_and_the_rest_finish(
     tmp_path, synthetic_faces
 ):
@@ -301,6 +303,7 @@ def _wait(condition, what: str, seconds: float = 300) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the cell's process in /proc")
+@pytest.mark.long
 def test_sigkill_of_a_cell_and_of_the_whole_driver_then_resume_loses_nothing(
     tmp_path, synthetic_faces
 ):
@@ -424,6 +427,7 @@ with open(Path(os.environ["FAKE_SLURM"]) / "calls.txt", "a") as log:
 '''
 
 
+@pytest.mark.long
 def test_the_slurm_executor_submits_an_array_with_the_options_asked_for(tmp_path, synthetic_faces):
     bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
     bin_dir.mkdir()
