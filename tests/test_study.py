@@ -486,3 +486,21 @@ def test_without_submitit_the_local_executor_names_the_extra_in_one_line(tmp_pat
         "(or run with --executor inline)"
     ]
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_model_name_cannot_leave_the_study_folder_and_a_broken_cell_record_is_one_line(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, "[[models]]\nname = '../../escape'\n", "faces")
+    done = CliRunner().invoke(cli.app, ["study", "run", str(path), "--executor", "inline"])
+    assert done.exit_code == 1 and "needs name = a registered model" in done.output
+    assert not (tmp_path / "studies").exists() and not (tmp_path.parent / "escape").exists()
+    # a study folder whose cell record was damaged: status says which file, no traceback
+    study_dir = tmp_path / "damaged"
+    (study_dir / "cells" / "vae-00000000-s0").mkdir(parents=True)
+    (study_dir / "study.json").write_text('{"name": "x", "rows": [], "baseline": null}')
+    (study_dir / "cells" / "vae-00000000-s0" / "cell.json").write_text("{not json")
+    done = CliRunner().invoke(cli.app, ["study", "status", str(study_dir)])
+    assert done.exit_code == 1 and "cell.json: not a cell record" in done.output
+    assert len(done.output.strip().splitlines()) == 1

@@ -83,19 +83,17 @@ def cell_views(study_dir: Path) -> list[CellView]:
     _study_record(study_dir)
     views = []
     for path in sorted((study_dir / CELLS_DIR).glob(f"*/{CELL_FILE}")):
-        record = json.loads(path.read_text(encoding="utf-8"))
         folder = path.parent
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            fields = {key: record[key] for key in ("name", "kind", "row", "label", "seed")}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ZooError(
+                f"{path}: not a cell record ({type(error).__name__}: {error}); delete the "
+                "cell's folder and run the study again to redo it"
+            ) from None
         views.append(
-            CellView(
-                name=record["name"],
-                kind=record["kind"],
-                row=record["row"],
-                label=record["label"],
-                seed=record["seed"],
-                status=read_status(folder),
-                running=is_locked(folder),
-                folder=folder,
-            )
+            CellView(**fields, status=read_status(folder), running=is_locked(folder), folder=folder)
         )
     return sorted(views, key=lambda view: (view.kind != "classifier", view.name))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ OWNED = {
     "train-classifier": {"out", "resume", "progress", "help", "data", "image_size"},
 }
 PATH_KEYS = {"data", "classifier"}
+# a model's name becomes a folder name: letters, digits, '.', '_', '-' (as registry names are)
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 STUDY_KEYS = {"name", "seeds", "baseline", "train", "grid", "models", "bench", "classifier"}
 ROW_KEYS = {"name", "label", "option", "grid"}
 # metrics whose scores need an attribute classifier (a ruler); a study trains one for them
@@ -222,8 +225,10 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
     for index, row in enumerate(rows):
         row_where = f"{where} [[models]] #{index + 1}"
         model = row.get("name")
-        if not isinstance(model, str) or not model:
-            raise ZooError(f"{row_where}: needs name = a registered model (see zoo list)")
+        if not isinstance(model, str) or not MODEL_NAME.fullmatch(model):
+            raise ZooError(
+                f"{row_where}: needs name = a registered model (see zoo list), got {model!r}"
+            )
         row_train = {k: v for k, v in row.items() if k not in ROW_KEYS}
         _check_options(row_train, "train", known, row_where)
         model_options = row.get("option", [])
