@@ -15,7 +15,7 @@ import json
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ else:  # pragma: no cover (Python 3.10)
 
 CELLS_DIR = "cells"
 CELL_FILE = "cell.json"  # the cell's resolved settings and commands, beside its results
-STUDY_COPY = "study.toml"  # the study file as it was first run, kept in the study folder
+STUDY_COPY = "study.toml"  # the study file as last run, kept in the study folder
 # options the study sets itself, per command: a study file cannot set them
 OWNED = {
     "train": {"out", "resume", "seed", "progress", "help"},
@@ -64,16 +64,7 @@ class Cell:
         return study_dir / CELLS_DIR / self.name
 
     def record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "row": self.row,
-            "label": self.label,
-            "seed": self.seed,
-            "needs": self.needs,
-            "settings": self.settings,
-            "commands": self.commands,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -83,7 +74,7 @@ class Study:
     name: str
     cells: list[Cell]
     baseline: str | None
-    rows: list[str] = field(default_factory=list)  # row keys, in the file's order
+    rows: dict[str, str] = field(default_factory=dict)  # row key -> label, in the file's order
 
     def model_cells(self) -> list[Cell]:
         return [cell for cell in self.cells if cell.kind == "model"]
@@ -220,7 +211,6 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
 
     classifier_cells: dict[str, Cell] = {}
     model_cells: list[Cell] = []
-    row_keys: list[str] = []
     labels: dict[str, str] = {}
     for index, row in enumerate(rows):
         row_where = f"{where} [[models]] #{index + 1}"
@@ -290,7 +280,6 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
             if row_key in labels:
                 raise ZooError(f"{row_where}: {label} repeats the row {labels[row_key]}")
             labels[row_key] = label
-            row_keys.append(row_key)
             for seed in seeds:
                 model_cells.append(
                     Cell(
@@ -315,11 +304,11 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
                 )
     baseline = data.get("baseline")
     if baseline is not None:
-        matches = [key for key in row_keys if labels[key] == baseline]
+        matches = [key for key, label in labels.items() if label == baseline]
         if not isinstance(baseline, str) or not matches:
             raise ZooError(
                 f"{where}: baseline {baseline!r} is not a row; the rows are "
-                + ", ".join(repr(labels[key]) for key in row_keys)
+                + ", ".join(repr(label) for label in labels.values())
             )
         baseline = matches[0]
     name = data.get("name", path.stem)
@@ -331,5 +320,5 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
         name=name,
         cells=[*classifier_cells.values(), *model_cells],
         baseline=baseline,
-        rows=row_keys,
+        rows=labels,
     )
