@@ -650,12 +650,20 @@ def data_synth(
     seed: Annotated[
         int, typer.Option(help="Seed; the same seed gives identical files."), SEEDS
     ] = 0,
+    independent: Annotated[
+        bool,
+        typer.Option(
+            help="Draw the factors (hair and 12 binary attributes) independently and uniformly, "
+            "skipping undrawable faces: the ground truth of the disentanglement metrics."
+        ),
+    ] = False,
 ) -> None:
     """Write the built-in synthetic faces (with CelebA attribute names) in CelebA's layout."""
     from zoo.data.synth import write_synthetic
 
-    path = write_synthetic(out, n, size, seed)
-    console.print(f"wrote {n:,} synthetic faces to {path}", soft_wrap=True)
+    path = write_synthetic(out, n, size, seed, independent=independent)
+    kind = "synthetic faces with independent factors" if independent else "synthetic faces"
+    console.print(f"wrote {n:,} {kind} to {path}", soft_wrap=True)
 
 
 CheckpointArg = Annotated[Path, typer.Argument(help="A model.safetensors file.")]
@@ -918,7 +926,10 @@ def bench(
     ] = None,
     metric: Annotated[
         list[str] | None,
-        typer.Option(help="fid, recon, edit, throughput or a plugin metric (default: all)."),
+        typer.Option(
+            help="fid, recon, edit, throughput, kid, prdc, leakage, mig, sap, dci, factorvae, "
+            "betavae or a plugin metric (default: all but kid to betavae)."
+        ),
     ] = None,
     option: Annotated[
         list[str] | None,

@@ -17,14 +17,16 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import encode_jpeg, write_file
+from torchvision.io import decode_jpeg, encode_jpeg, write_file
 
 from zoo.data import celeba
 from zoo.data.cache import quiet_image_io
+from zoo.data.preprocess import Preprocess
 from zoo.errors import ZooError
 from zoo.progress import image_progress
 
@@ -102,23 +104,125 @@ def sample_attributes(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([columns[name] for name in ATTRIBUTES], dim=1)
 
 
-def render_faces(attrs: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+# -- independent factors: the ground truth of the disentanglement metrics ------------------------
+
+HAIR = ("Bald", "Black_Hair", "Brown_Hair", "Blond_Hair", "Gray_Hair", "other")  # hair's values
+BINARY_FACTORS = tuple(name for name in ATTRIBUTES if name not in HAIR)
+FACTORS = ("hair", *BINARY_FACTORS)  # the independent factors, in this order
+FACTOR_SIZES = (len(HAIR), *(2 for _ in BINARY_FACTORS))  # how many values each takes
+
+
+def factors_to_attributes(factors: torch.Tensor) -> torch.Tensor:
+    """long n x len(FACTORS) -> bool n x len(ATTRIBUTES): hair becomes Bald or one colour flag
+    (or none, for the auburn "other"), the binary factors are their own attributes."""
+    hair = factors[:, 0]
+    columns = {name: hair == value for value, name in enumerate(HAIR[:-1])}
+    columns |= {name: factors[:, 1 + i] == 1 for i, name in enumerate(BINARY_FACTORS)}
+    return torch.stack([columns[name] for name in ATTRIBUTES], dim=1)
+
+
+def attributes_to_factors(attrs: torch.Tensor) -> torch.Tensor:
+    """bool or 0/1 n x len(ATTRIBUTES) -> long n x len(FACTORS); ZooError for a row with more
+    than one of Bald and the hair colours, which no factor value draws."""
+    flags = attrs.bool()
+    hair_flags = flags[:, [ATTRIBUTES.index(name) for name in HAIR[:-1]]]
+    if (hair_flags.sum(dim=1) > 1).any():
+        raise ZooError("labels with two of Bald and the hair colours are not synthetic factors")
+    hair = torch.where(hair_flags.any(dim=1), hair_flags.long().argmax(dim=1), len(HAIR) - 1)
+    binary = flags[:, [ATTRIBUTES.index(name) for name in BINARY_FACTORS]].long()
+    return torch.cat([hair[:, None], binary], dim=1)
+
+
+def drawable(factors: torch.Tensor) -> torch.Tensor:
+    """bool n: the rows the renderer can show: no bangs on a bald head (there is no hair to cut)
+    and no moustache in a beard (both are drawn in the same colour, so it would not show)."""
+    bald = factors[:, 0] == HAIR.index("Bald")
+    bangs = factors[:, 1 + BINARY_FACTORS.index("Bangs")] == 1
+    beard = factors[:, 1 + BINARY_FACTORS.index("No_Beard")] == 0
+    mustache = factors[:, 1 + BINARY_FACTORS.index("Mustache")] == 1
+    return ~(bald & bangs) & ~(beard & mustache)
+
+
+def sample_factors(
+    n: int, generator: torch.Generator, fixed: dict[int, int] | None = None
+) -> tuple[torch.Tensor, int]:
+    """(long n x len(FACTORS), how many draws were skipped): every factor uniform over its
+    values and independent of the others, except that undrawable rows (`drawable`) are skipped;
+    ``fixed`` holds factor index -> value for every row ("fix one factor, resample the rest")."""
+    fixed = fixed or {}
+    sizes = torch.tensor(FACTOR_SIZES)
+    kept: list[torch.Tensor] = []
+    have = skipped = 0
+    while have < n:
+        draws = (torch.rand(2 * (n - have) + 8, len(FACTORS), generator=generator) * sizes).long()
+        for index, value in fixed.items():
+            draws[:, index] = value
+        ok = drawable(draws)
+        if not ok.any():
+            raise ZooError(f"no drawable face has the fixed factors {fixed}")
+        needed = int(torch.searchsorted(ok.long().cumsum(0), n - have)) + 1  # rows to the n-th
+        kept.append(draws[:needed][ok[:needed]])
+        skipped += int((~ok[:needed]).sum())
+        have += int(ok[:needed].sum())
+    return torch.cat(kept)[:n], skipped
+
+
+# -- drawing -----------------------------------------------------------------------------------
+
+NUISANCE_CHANNELS = (1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 3, 3, 1, 3, 1, 1)
+
+
+@dataclass(frozen=True)
+class Nuisance:
+    """What varies between faces besides their attributes (position, scale, skin tone,
+    background, lighting, colours): uniform [0, 1) draws, one tensor per quantity, n faces
+    each. Rendering the same draws with other attributes changes only those attributes."""
+
+    draws: tuple[torch.Tensor, ...]
+
+    def __len__(self) -> int:
+        return self.draws[0].shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> Nuisance:
+        return Nuisance(tuple(draw[index] for draw in self.draws))
+
+
+def draw_nuisance(n: int, generator: torch.Generator) -> Nuisance:
+    """n faces' nuisance from ``generator``, in the order `render_faces` has always drawn it."""
+    return Nuisance(
+        tuple(
+            torch.rand((n, channels, 1, 1) if channels > 1 else (n, 1, 1), generator=generator)
+            for channels in NUISANCE_CHANNELS
+        )
+    )
+
+
+def render_faces(
+    attrs: torch.Tensor, size: int, nuisance: Nuisance | torch.Generator
+) -> torch.Tensor:
     """Draw one face per row of ``attrs`` (n x len(ATTRIBUTES), 0/1) -> uint8 n x 3 x H x W.
 
-    Nuisance (position, scale, skin tone, background, lighting, colours) comes from
-    ``generator`` in a fixed order that does not depend on ``attrs``, so re-rendering with the
-    same generator state and one attribute changed changes only that attribute's pixels.
+    Nuisance is given (`draw_nuisance`) or drawn from a generator in a fixed order that does
+    not depend on ``attrs``, so re-rendering with the same draws and one attribute changed
+    changes only that attribute's pixels.
     """
     n = attrs.shape[0]
+    if isinstance(nuisance, torch.Generator):
+        nuisance = draw_nuisance(n, nuisance)
+    if len(nuisance) != n:
+        raise ZooError(f"{len(nuisance)} nuisance draws for {n} faces; give one per face")
+    draws = iter(nuisance.draws)
     flag = {name: attrs[:, i].bool().view(n, 1, 1) for i, name in enumerate(ATTRIBUTES)}
     male, young, smiling = flag["Male"], flag["Young"], flag["Smiling"]
     has_hair, mouth_open = ~flag["Bald"], flag["Mouth_Slightly_Open"]
 
     def uniform(low: float, high: float, channels: int = 1) -> torch.Tensor:
-        shape = (n, channels, 1, 1) if channels > 1 else (n, 1, 1)
-        return low + (high - low) * torch.rand(shape, generator=generator)
+        draw = next(draws)
+        if draw.shape[1:] != ((channels, 1, 1) if channels > 1 else (1, 1)):
+            raise ZooError(f"nuisance draws of shape {tuple(draw.shape)} are not this renderer's")
+        return low + (high - low) * draw
 
-    # nuisance, drawn unconditionally so attributes never shift the random stream
+    # nuisance, in the order of NUISANCE_CHANNELS
     height, width = image_shape(size)
     top, left, side = celeba.crop_box(height, width, celeba.CELEBA_CROP)
     face_x = left + side / 2 + uniform(-0.05, 0.05) * side
@@ -420,17 +524,26 @@ class _Painter:
 
 
 def write_synthetic(
-    out: Path, n: int, size: int = 64, seed: int = 0, *, progress: bool = True
+    out: Path,
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    *,
+    independent: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Write ``n`` faces in the official CelebA layout (80/10/10 train/valid/test) to ``out``.
 
-    Does nothing if ``out`` already holds exactly this set; builds in a temp dir and renames,
-    so an interrupted run never leaves a folder that looks complete.
+    ``independent`` draws `FACTORS` independently (`sample_factors`) instead of CelebA-like
+    correlated attributes: the ground truth the disentanglement metrics need; the marker
+    records it and how many undrawable draws were skipped. Does nothing if ``out`` already
+    holds exactly this set; builds in a temp dir and renames, so an interrupted run never
+    leaves a folder that looks complete.
     """
     out = Path(out)
     if n < 1 or size < 8:
         raise ZooError(f"cannot write {n} synthetic faces of {size}px; need n >= 1, size >= 8")
-    marker = {
+    marker: dict = {
         "generator": "zoo.data.synth",
         "version": VERSION,
         "seed": seed,
@@ -438,19 +551,26 @@ def write_synthetic(
         "size": size,
         "attributes": list(ATTRIBUTES),
     }
+    if independent:  # the default marker stays as it was, so existing folders are reused
+        marker["factors"] = dict(zip(FACTORS, FACTOR_SIZES, strict=True))
     if out.exists():
         if _read_marker(out) == marker:
             return out
+        kind = "independent " if independent else ""
         raise ZooError(
-            f"{out} already exists and is not synthetic-faces v{VERSION} (n={n}, size={size}, "
-            f"seed={seed}); remove it or choose another folder"
+            f"{out} already exists and is not {kind}synthetic-faces v{VERSION} (n={n}, "
+            f"size={size}, seed={seed}); remove it or choose another folder"
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         generator = torch.Generator().manual_seed(seed)
-        attrs = sample_attributes(n, generator)
+        if independent:
+            factors, marker["skipped"] = sample_factors(n, generator)
+            attrs = factors_to_attributes(factors)
+        else:
+            attrs = sample_attributes(n, generator)
         filenames = [f"{i:06d}.jpg" for i in range(1, n + 1)]
         (workdir / celeba.IMAGE_DIR).mkdir()
         with image_progress(f"drawing {n} synthetic faces", n, progress) as advance:
@@ -490,12 +610,33 @@ def write_synthetic(
 
 
 def _read_marker(folder: Path) -> dict | None:
+    """The marker's identity: what was asked for, without the prose and the skipped count."""
     try:
         marker = json.loads((folder / celeba.SYNTHETIC_MARKER).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(marker, dict):
+        return None
     marker.pop("about", None)
+    marker.pop("skipped", None)
     return marker
+
+
+def ground_truth(folder: str | Path) -> dict | None:
+    """The marker of synthetic faces with independent factors (``--independent``) in
+    ``folder``, or None when the folder holds other data."""
+    marker = _read_marker(Path(folder))
+    factors = dict(zip(FACTORS, FACTOR_SIZES, strict=True))
+    return marker if marker and marker.get("factors") == factors else None
+
+
+def model_inputs(faces: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """Rendered uint8 faces -> float model inputs, exactly as written faces reach a model:
+    through a JPEG of the folder's quality, decoded, then cropped and resized."""
+    with quiet_image_io():
+        encoded = encode_jpeg(list(faces), quality=JPEG_QUALITY)
+        decoded = torch.stack(decode_jpeg(encoded))
+    return preprocess.apply(decoded).float().div_(255)
 
 
 def _mix(low: tuple[float, ...], high: tuple[float, ...], weight: torch.Tensor) -> torch.Tensor:
