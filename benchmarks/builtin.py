@@ -1,5 +1,5 @@
 """The built-in metrics; importing this module registers them."""
 
-from benchmarks import edits, fid, recon, throughput
+from benchmarks import disentangle, edits, fid, fidelity, leakage, recon, throughput
 
-__all__ = ["edits", "fid", "recon", "throughput"]
+__all__ = ["disentangle", "edits", "fid", "fidelity", "leakage", "recon", "throughput"]

@@ -41,7 +41,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 STUDY_KEYS = {"name", "seeds", "baseline", "train", "grid", "models", "bench", "classifier"}
 ROW_KEYS = {"name", "label", "option", "grid"}
 # metrics whose scores need an attribute classifier (a ruler); a study trains one for them
-CLASSIFIER_METRICS = {"edit", "fid"}
+CLASSIFIER_METRICS = {"edit", "fid", "kid", "prdc"}  # fid, kid, prdc: in its features
 
 
 @dataclass(frozen=True)
