@@ -1396,7 +1396,7 @@ def study_run(
     make_executor(1)  # a missing submitit is one line now, not after the folder is made
     study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(study_dir / STUDY_COPY, study_file.read_bytes())
-    write_study_record(study_dir, study.name, list(study.rows.items()), study.baseline)
+    write_study_record(study_dir, study)
     program = [sys.executable, str(Path(__file__).resolve())]
     total = len(study.cells)
     console.print(

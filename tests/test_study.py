@@ -201,6 +201,9 @@ def test_a_local_submitit_study_finishes_and_reports_what_zoo_bench_gives(
         for key in ("MSE", "edit acc", "preservation"):
             assert row["metrics"][key]["n"] == 2 and row["metrics"][key]["low"] is not None
     assert (tmp_path / "grid" / "report.png").stat().st_size > 10_000
+    # every number against the swept beta, a line per model
+    assert [row["grid"] for row in report["rows"]] == [{"beta": 1}, {"beta": 4}] * 2
+    assert (tmp_path / "grid" / "report-beta.png").stat().st_size > 10_000
     # one cell's numbers are the ones `zoo bench` gives for its checkpoint and classifier
     cells = tmp_path / "grid" / "cells"
     cell = next(cells.glob("cvae-*-s1"))

@@ -18,7 +18,7 @@ from zoo.errors import ZooError
 from zoo.files import atomic_write_bytes, atomic_write_text
 
 from .cell import RESULTS, Status, is_locked, read_status
-from .spec import CELL_FILE, CELLS_DIR
+from .spec import CELL_FILE, CELLS_DIR, Study
 from .stats import CONFIDENCE, paired, summarize
 
 STUDY_FILE = "study.json"  # the study's name, rows in order, labels and baseline
@@ -59,10 +59,12 @@ class Row:
     values: dict[str, dict[int, float]] = field(default_factory=dict)  # metric key -> seed
 
 
-def write_study_record(
-    study_dir: Path, name: str, rows: list[tuple[str, str]], baseline: str | None
-) -> None:
-    record = {"name": name, "rows": [{"key": k, "label": v} for k, v in rows], "baseline": baseline}
+def write_study_record(study_dir: Path, study: Study) -> None:
+    rows = [
+        {"key": key, "label": label, "grid": study.grids.get(key, {})}
+        for key, label in study.rows.items()
+    ]
+    record = {"name": study.name, "rows": rows, "baseline": study.baseline}
     atomic_write_text(study_dir / STUDY_FILE, json.dumps(record, indent=2) + "\n")
 
 
@@ -119,6 +121,7 @@ def build_report(study_dir: Path) -> dict[str, Any]:
     record = _study_record(study_dir)
     views = [view for view in cell_views(study_dir) if view.kind == "model"]
     rows = {item["key"]: Row(item["key"], item["label"]) for item in record["rows"]}
+    grids = {item["key"]: item.get("grid", {}) for item in record["rows"]}
     missing: list[str] = []
     for view in views:
         row = rows.get(view.row)
@@ -139,7 +142,9 @@ def build_report(study_dir: Path) -> dict[str, Any]:
         metrics += [key for key in row.values if key not in metrics]
     report_rows = []
     for row in rows.values():
-        entry: dict[str, Any] = {"row": row.key, "label": row.label, "metrics": {}}
+        entry: dict[str, Any] = {
+            "row": row.key, "label": row.label, "grid": grids[row.key], "metrics": {}
+        }  # fmt: skip
         for key in metrics:
             by_seed = row.values.get(key, {})
             if not by_seed:
@@ -267,14 +272,112 @@ def draw(report: dict[str, Any], out: Path) -> Path:
     return out
 
 
+def swept_keys(report: dict[str, Any]) -> list[str]:
+    """The grid keys with at least two numeric values across the rows: each gets a picture of
+    every number against it (`draw_against`)."""
+    values: dict[str, set[float]] = {}
+    for row in report["rows"]:
+        for key, value in row.get("grid", {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values.setdefault(key, set()).add(float(value))
+    return [key for key, seen in values.items() if len(seen) > 1]
+
+
+def draw_against(report: dict[str, Any], key: str, out: Path) -> Path:
+    """One panel per headline number against the grid value ``key``: a line per group of rows
+    that differ only in it (mean and 95 % interval, seeds as dots); rows without ``key`` (a
+    model the grid does not cross) are a dashed level with their interval as a band."""
+    from zoo.curves import pyplot_for
+
+    pyplot = pyplot_for("a study report")
+    groups: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    levels = []
+    for row in report["rows"]:
+        value = row.get("grid", {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            name = " ".join(w for w in row["label"].split(" ") if not w.startswith(f"{key}="))
+            groups.setdefault(name, []).append((float(value), row))
+        else:
+            levels.append(row)
+    xs = sorted({x for points in groups.values() for x, _ in points})
+    log_x = xs[0] > 0 and xs[-1] / xs[0] >= 4
+    metrics = report["metrics"]
+    columns = min(4, max(len(metrics), 1))
+    lines = math.ceil(max(len(metrics), 1) / columns)
+    figure, axes = pyplot.subplots(
+        lines, columns, figsize=(3.6 * columns, 2.9 * lines), squeeze=False
+    )
+    colours = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, metric in enumerate(metrics):
+        axis = axes[index // columns][index % columns]
+        for number, (name, points) in enumerate(groups.items()):
+            points = sorted(
+                (x, row["metrics"][metric]) for x, row in points if metric in row["metrics"]
+            )
+            if not points:
+                continue
+            colour = colours[number % len(colours)]
+            for x, item in points:
+                seeds = list(item["values"].values())
+                axis.scatter([x] * len(seeds), seeds, s=8, color=colour, alpha=0.4, zorder=3)
+            x_values = [x for x, _ in points]
+            means = [item["mean"] for _, item in points]
+            low = [
+                item["mean"] - (item["low"] if item["low"] is not None else item["mean"])
+                for _, item in points
+            ]
+            high = [
+                (item["high"] if item["high"] is not None else item["mean"]) - item["mean"]
+                for _, item in points
+            ]
+            axis.errorbar(
+                x_values, means, yerr=[low, high], color=colour, capsize=3, marker="o", label=name
+            )
+        for number, row in enumerate(levels, start=len(groups)):
+            item = row["metrics"].get(metric)
+            if item is None:
+                continue
+            colour = colours[number % len(colours)]
+            axis.axhline(item["mean"], color=colour, linestyle="--", label=row["label"])
+            if item["low"] is not None:
+                axis.axhspan(item["low"], item["high"], color=colour, alpha=0.12)
+        if log_x:
+            axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [f"{x:g}" for x in xs])
+        axis.set_xlabel(key, fontsize=8)
+        axis.set_title(metric, fontsize=10)
+        axis.grid(alpha=0.3)
+    for index in range(len(metrics), lines * columns):
+        axes[index // columns][index % columns].axis("off")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
+    figure.suptitle(
+        f"{report['study']}: each number against {key}, mean and 95 % t-interval over seeds "
+        "(dots: seeds; dashed: rows without it)",
+        fontsize=10,
+    )
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    picture = io.BytesIO()
+    figure.savefig(picture, format="png", dpi=100)
+    pyplot.close(figure)
+    atomic_write_bytes(out, picture.getvalue())
+    return out
+
+
 def write_report(study_dir: Path) -> tuple[list[Path], str | None]:
-    """Write report.json and report.md, then report.png; the paths written and, when the
-    picture cannot be drawn (no matplotlib), the one line that says why."""
+    """Write report.json and report.md, then report.png and a ``report-KEY.png`` per swept
+    grid key (`swept_keys`); the paths written and, when the pictures cannot be drawn (no
+    matplotlib), the one line that says why."""
     report = build_report(study_dir)
     json_path, md_path, png_path = (study_dir / name for name in REPORT_FILES)
     atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
     atomic_write_text(md_path, markdown(report))
+    written = [json_path, md_path]
     try:
-        return [json_path, md_path, draw(report, png_path)], None
+        written.append(draw(report, png_path))
+        for key in swept_keys(report):
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+            written.append(draw_against(report, key, study_dir / f"report-{safe}.png"))
     except ZooError as error:
-        return [json_path, md_path], str(error)
+        return written, str(error)
+    return written, None

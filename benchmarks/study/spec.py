@@ -75,6 +75,7 @@ class Study:
     cells: list[Cell]
     baseline: str | None
     rows: dict[str, str] = field(default_factory=dict)  # row key -> label, in the file's order
+    grids: dict[str, dict[str, Any]] = field(default_factory=dict)  # row key -> its grid point
 
     def model_cells(self) -> list[Cell]:
         return [cell for cell in self.cells if cell.kind == "model"]
@@ -212,6 +213,7 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
     classifier_cells: dict[str, Cell] = {}
     model_cells: list[Cell] = []
     labels: dict[str, str] = {}
+    grids: dict[str, dict[str, Any]] = {}
     for index, row in enumerate(rows):
         row_where = f"{where} [[models]] #{index + 1}"
         model = row.get("name")
@@ -280,6 +282,7 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
             if row_key in labels:
                 raise ZooError(f"{row_where}: {label} repeats the row {labels[row_key]}")
             labels[row_key] = label
+            grids[row_key] = dict(point)
             for seed in seeds:
                 model_cells.append(
                     Cell(
@@ -321,4 +324,5 @@ def load_study(path: Path, known: Mapping[str, set[str]]) -> Study:
         cells=[*classifier_cells.values(), *model_cells],
         baseline=baseline,
         rows=labels,
+        grids=grids,
     )
