@@ -103,6 +103,18 @@ def test_a_full_disk_during_training_is_one_line_and_the_run_resumes_exactly(
     assert records(run) == records(straight)  # every step in one record, identical losses
 
 
+def test_a_sample_grid_the_disk_refuses_is_a_warning_and_training_goes_on(
+    synthetic_faces, tmp_path, monkeypatch, caplog
+):
+    """Sample grids are for reading a run: a full disk there costs the picture, not the run
+    (the next save that matters fails with its own line if the disk stays full)."""
+    trainer = Trainer(settings(synthetic_faces, tmp_path), progress=False)
+    refuse(monkeypatch, f"step_{5:07d}.png", 0)  # the epoch-end grid of step 5
+    assert trainer.run().step == STEPS
+    assert "sample grid step_0000005.png not written" in caplog.text
+    assert "No space left on device" in caplog.text
+
+
 def test_the_cli_says_it_in_one_line_and_exits_1(synthetic_faces, tmp_path, monkeypatch):
     refuse(monkeypatch, "train_state.safetensors", 0, errno.EACCES)
     done = CliRunner().invoke(app, [

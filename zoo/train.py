@@ -24,6 +24,7 @@ from zoo.card import write_card
 from zoo.checkpoint import save_checkpoint
 from zoo.data import ImageData, load_data, resolve_source
 from zoo.errors import ZooError, error_reason
+from zoo.files import WriteFailed
 from zoo.grids import training_grid
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
@@ -133,7 +134,7 @@ class Trainer(TrainingRun):
         matters fails at the next save, with its own line."""
         try:
             yield
-        except OSError as error:  # WriteFailed, or what PIL / TensorBoard raise
+        except (OSError, WriteFailed) as error:  # ours, or what PIL / TensorBoard raise
             log.warning("%s not written: %s; training goes on", what, error_reason(error))
 
     def logged(self, record: dict[str, Any]) -> None:
