@@ -44,7 +44,13 @@ from benchmarks.inception import (
 )
 from benchmarks.metric import BenchContext, Metric, option, register_metric
 from zoo.errors import ZooError
-from zoo.files import cache_dir, file_sha256, read_tensors_file, write_tensors_file
+from zoo.files import (
+    WriteFailed,
+    cache_dir,
+    file_sha256,
+    read_tensors_file,
+    write_tensors_file,
+)
 from zoo.progress import image_progress
 
 logger = logging.getLogger(__name__)
@@ -244,7 +250,7 @@ def save_stats(path: Path, key: dict[str, Any], stats: dict[str, torch.Tensor]) 
     metadata = {"zoo.fid.key": json.dumps(key, sort_keys=True)}
     try:
         write_tensors_file(path, STATS_KIND, stats, metadata)
-    except OSError as error:  # a read-only cache costs time, not the result
+    except (OSError, WriteFailed) as error:  # a full or read-only cache costs time, not the result
         logger.warning("could not cache FID real statistics at %s: %s", path, error)
 
 

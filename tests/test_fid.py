@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import errno
 import hashlib
 import importlib.util
 import pickle
@@ -22,7 +23,7 @@ from benchmarks import fid, inception
 from benchmarks.metric import BenchContext, BenchSettings
 from zoo.data import load_data
 from zoo.errors import ZooError
-from zoo.files import cache_dir
+from zoo.files import WriteFailed, cache_dir
 
 TINY = {"image_size": 16, "base_channels": 4, "max_channels": 8, "latent_dim": 4}
 
@@ -198,6 +199,18 @@ def test_a_damaged_statistics_cache_is_recomputed(monkeypatch, valid, tmp_path):
     again = fid.FrechetDistance().compute(context(vae, path, valid, **settings))
     assert again["real_stats_cached"] is False
     assert again["value"] == pytest.approx(first["value"], rel=1e-6)
+
+
+def test_a_cache_the_disk_refuses_costs_time_not_the_distance(monkeypatch, valid, tmp_path, caplog):
+    vae, path = tiny_model("vae", valid, tmp_path)
+    use_stand_in(monkeypatch, StandInFeatures())
+    monkeypatch.setattr(fid, "write_tensors_file", refused_write)  # a full or read-only cache
+    result = fid.FrechetDistance().compute(context(vae, path, valid, features="classifier", n=5))
+    assert result["value"] >= 0 and "could not cache FID real statistics" in caplog.text
+
+
+def refused_write(path, *args, **kwargs):
+    raise WriteFailed(path, OSError(errno.ENOSPC, "No space left on device"))
 
 
 def test_conditional_models_generate_with_the_real_labels(monkeypatch, valid, tmp_path):
