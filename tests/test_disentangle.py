@@ -77,7 +77,7 @@ def random_encoder(f, rng):
 def test_mig_of_an_oracle_a_random_code_and_a_duplicated_factor():
     f = factors(1500)
     assert disentangle.mutual_information_gap(oracle(f), f)[0] > 0.95  # measured 0.99
-    assert disentangle.mutual_information_gap(random_codes(1500), f)[0] < 0.05  # 0.005
+    assert disentangle.mutual_information_gap(random_codes(1500), f)[0] < 0.05  # 0.002
     _, per_factor = disentangle.mutual_information_gap(duplicated(f), f)
     assert per_factor[0] < 0.05 and min(per_factor[1:]) > 0.95  # the copied factor has no gap
 
@@ -98,8 +98,8 @@ def test_mig_by_hand_on_eight_points():
 
 def test_sap_of_an_oracle_a_random_code_and_by_hand():
     f = factors(1500)
-    assert disentangle.sap_score(*split(oracle(f), f))[0] > 0.95  # 1.00
-    assert disentangle.sap_score(*split(random_codes(1500), f))[0] < 0.05  # 0.01
+    assert disentangle.sap_score(*split(oracle(f), f))[0] > 0.95  # 0.99
+    assert disentangle.sap_score(*split(random_codes(1500), f))[0] < 0.05  # 0.03
     # by hand: dimension 0 splits the binary factor exactly (adjusted balanced accuracy 1);
     # dimension 1 predicts it right on one of two of each class (0); the gap is 1 - 0 = 1
     f = np.array([[0, 0, 1, 1, 0, 0, 1, 1]]).T
@@ -116,12 +116,12 @@ def test_sap_of_an_oracle_a_random_code_and_by_hand():
 def test_dci_of_an_oracle_a_random_code_and_a_duplicated_factor():
     f = factors(900)
     good = disentangle.dci(*split(oracle(f), f), trees=20)
-    assert min(good["disentanglement"], good["completeness"], good["informativeness"]) > 0.9
+    assert min(good["disentanglement"], good["completeness"], good["informativeness"]) > 0.9  # 1
     bad = disentangle.dci(*split(random_codes(900), f), trees=20)
-    assert bad["disentanglement"] < 0.3 and bad["completeness"] < 0.3  # 0.07, 0.07
-    assert bad["informativeness"] < 0.6  # about chance: 0.45
+    assert bad["disentanglement"] < 0.3 and bad["completeness"] < 0.3  # 0.015, 0.018
+    assert bad["informativeness"] < 0.6  # about chance: 0.43
     copied = disentangle.dci(*split(duplicated(f), f), trees=20)
-    # factor 0 is read from two dimensions: its completeness drops, the others' stay
+    # factor 0 is read from two dimensions: its completeness drops (0.60), the others' stay (1)
     assert copied["completeness_per_factor"][0] < 0.8 < min(copied["completeness_per_factor"][1:])
 
 
@@ -151,7 +151,7 @@ def test_factor_vae_score_of_an_oracle_and_a_random_encoder():
     bad = disentangle.factor_vae_score(
         intervention(random_encoder), SIZES, np.ones(4), votes=60, eval_votes=60, batch=32, rng=rng
     )
-    assert bad["score"] < 0.6  # about 1/4 for 4 factors: 0.33
+    assert bad["score"] < 0.6  # about 1/4 for 4 factors: 0.27
     collapsed = disentangle.factor_vae_score(
         intervention(oracle_encoder), SIZES, np.zeros(4), votes=5, eval_votes=5, batch=8, rng=rng
     )
@@ -167,7 +167,7 @@ def test_beta_vae_score_of_an_oracle_and_a_random_encoder():
     bad = disentangle.beta_vae_score(
         intervention(random_encoder), SIZES, points=80, eval_points=60, pairs=16, rng=rng
     )
-    assert bad["score"] < 0.6  # about 1/4: 0.28
+    assert bad["score"] < 0.6  # about 1/4: 0.30
 
 
 # -- ground truth you can intervene on --------------------------------------------------------
