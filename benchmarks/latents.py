@@ -1,17 +1,16 @@
 """Posterior means of a split, and the scikit-learn estimators fitted on them.
 
 The disentanglement and leakage metrics all read z the same way: the posterior mean of each
-image (given its labels, for a conditional model), computed once per model, split and count
-and shared through the benchmark's memo. Their probes and importance estimators are
-scikit-learn's (the ``metrics`` extra): well-kept, deterministic under a seed, and what the
-reference implementations (disentanglement_lib) use, so nothing is written by hand that a
-library already does.
+image (given its labels, for a conditional model; `zoo.latent.encode_means`), computed once
+per model, split and count and shared through the benchmark's memo. Their probes and
+importance estimators are scikit-learn's (the ``metrics`` extra): well-kept, deterministic
+under a seed, and what the reference implementation (disentanglement_lib) uses, so nothing
+is written by hand that a library already does.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ import torch
 from benchmarks.metric import BenchContext
 from zoo.data import ImageData, checkpoint_data
 from zoo.errors import ZooError
+from zoo.latent import encode_means
 from zoo.progress import image_progress
 
 
@@ -34,18 +34,6 @@ def require_sklearn() -> ModuleType:
     return sklearn
 
 
-@torch.inference_mode()
-def posterior_means(
-    model: Any, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 256
-) -> np.ndarray:
-    """float64 N x latent_dim posterior means of float [0, 1] images already on the device."""
-    means = []
-    for start in range(0, images.shape[0], batch_size):
-        y = labels[start : start + batch_size] if labels is not None else None
-        means.append(model.encode(images[start : start + batch_size], y).mean.double().cpu())
-    return torch.cat(means).numpy()
-
-
 def split_means(context: BenchContext, data: ImageData, count: int) -> np.ndarray:
     """Posterior means of the first ``count`` images of ``data``, computed once per model."""
 
@@ -59,7 +47,7 @@ def split_means(context: BenchContext, data: ImageData, count: int) -> np.ndarra
                 index = torch.arange(start, min(start + batch, count))
                 images, _ = data.batch(index, context.device)
                 y = labels[index].to(context.device) if labels is not None else None
-                means.append(posterior_means(model, images, y))
+                means.append(encode_means(model, images, y).double().numpy())
                 advance(len(index))
         return np.concatenate(means)
 
