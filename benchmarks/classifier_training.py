@@ -47,6 +47,7 @@ from benchmarks.classifier import (
     save_classifier,
 )
 from benchmarks.classifier_settings import ClassifierSettings
+from zoo.augment import random_shift
 from zoo.data import ImageData, load_data
 from zoo.errors import ZooError
 from zoo.run import RunResult, Shard, TrainingRun, stored_settings
@@ -65,17 +66,6 @@ def positive_weights(attrs: torch.Tensor) -> torch.Tensor:
     """
     rate = attrs.float().mean(dim=0).clamp(1.0 / len(attrs), 1.0 - 1.0 / len(attrs))
     return (1.0 - rate) / rate
-
-
-def random_shift(x: torch.Tensor, max_shift: float) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` of its side in x and y (edges repeated):
-    faces in the data are aligned, edited and generated faces drift by a few pixels."""
-    n = x.shape[0]
-    theta = torch.zeros(n, 2, 3, device=x.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = (torch.rand(n, 2) * 2 - 1).to(x.device) * 2 * max_shift
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
 def _rows(data: ImageData, start: int, stop: int, split: str) -> ImageData:

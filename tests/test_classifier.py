@@ -29,7 +29,6 @@ from benchmarks.classifier_training import (
     ClassifierSettings,
     finished_classifier,
     positive_weights,
-    random_shift,
 )
 from zoo.checkpoint import save_checkpoint
 from zoo.data import ImageData, Preprocess, load_data
@@ -470,17 +469,6 @@ def test_positive_weights_balance_each_attribute():
     attrs = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float32)
     # rates 1/4 and 1/2 give 3 and 1; a never-seen attribute is clamped to one in n
     assert positive_weights(attrs).tolist() == pytest.approx([3.0, 1.0, 3.0])
-
-
-def test_random_shift_translates_within_its_bound():
-    image = torch.zeros(64, 1, 16, 16)
-    image[:, :, 8, 8] = 1.0
-    torch.manual_seed(0)
-    assert torch.allclose(random_shift(image, 0.0), image, atol=1e-6)
-    shifted = random_shift(image, 1 / 8)  # up to 2 px each way
-    rows = torch.arange(16.0).view(1, 1, 16, 1)
-    centre = (shifted * rows).sum(dim=(1, 2, 3)) / shifted.sum(dim=(1, 2, 3))
-    assert (centre - 8).abs().max() <= 2 + 1e-4 and (centre - 8).abs().max() > 0.5
 
 
 # -- a ruler's identity --------------------------------------------------------------------------

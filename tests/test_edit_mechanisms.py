@@ -334,6 +334,8 @@ def test_a_patch_critic_lets_an_edit_draw_a_combination_no_image_has():
         ("attr_step_min", 0.0),
         ("attr_flip_prob", 0.0),
         ("head_noise", -1.0),
+        ("head_blur", -1.0),
+        ("head_shift", 0.5),
         ("attr_weight", -1.0),
         ("critic_patch", -1),
     ],

@@ -21,6 +21,11 @@ so any combination is one ``-o`` away:
   textures no other classifier reads; ``head_noise`` adds Gaussian noise to everything the
   head sees (as randomized smoothing does, Cohen et al. 2019), so only changes larger than
   the noise move it, and those are the ones an independent classifier reads too.
+  ``head_shift`` and ``head_blur`` show the head every image (real and decoded) shifted by
+  up to that fraction of its side, mirrored half the time, and blurred with a Gaussian of
+  random std up to ``head_blur`` pixels. The rulers that score edits train on shifted faces
+  and are of other families: a decoder that must move the head at every shift and blur
+  cannot do it with a texture aligned to its own pixel grid, only with the face's features.
   ``attr_step_min`` below 1 decodes each swapped sample with only a random fraction in
   [``attr_step_min``, 1] of its label change while the head must still read the whole
   change: the decoder learns to make an edit visible within part of the label step, so
@@ -56,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from zoo.augment import random_blur, random_shift
 from zoo.errors import ZooError
 from zoo.model import ModelConfig, Posterior
 from zoo.models.cvae import CVAE
@@ -76,6 +82,8 @@ class EditCVAEConfig(ModelConfig):
     attr_step_min: float = 1.0
     attr_keep_weight: float = 1.0
     head_noise: float = 0.0
+    head_shift: float = 0.0
+    head_blur: float = 0.0
     realism_weight: float = 0.0
     critic_patch: int = 0
 
@@ -87,8 +95,10 @@ class EditCVAEConfig(ModelConfig):
             raise ZooError("adversary_weight, attr_weight and realism_weight must be >= 0")
         if self.adversary_warmup < 0 or self.adversary_hidden < 1:
             raise ZooError("adversary_warmup must be >= 0 and adversary_hidden >= 1")
-        if self.head_noise < 0:
-            raise ZooError(f"head_noise must be non-negative, got {self.head_noise}")
+        if min(self.head_noise, self.head_blur) < 0:
+            raise ZooError("head_noise and head_blur must be non-negative")
+        if not 0 <= self.head_shift < 0.5:
+            raise ZooError(f"head_shift must be in [0, 0.5), got {self.head_shift}")
         if not 0 < self.attr_flip_prob <= 1:
             raise ZooError(f"attr_flip_prob must be in (0, 1], got {self.attr_flip_prob}")
         if not 0 <= self.attr_keep_weight <= 1:
@@ -175,11 +185,18 @@ class EditCVAE(CVAE):
         step = torch.empty(len(y), 1, device=y.device).uniform_(self.config.attr_step_min, 1)
         return y + step * (target - y)
 
-    def noisy(self, images: torch.Tensor) -> torch.Tensor:
-        """Images as the head sees them: with Gaussian noise of std ``head_noise`` (if any)."""
-        if not self.config.head_noise:
-            return images
-        return images + self.config.head_noise * torch.randn_like(images)
+    def head_view(self, images: torch.Tensor) -> torch.Tensor:
+        """Images as the head sees them: shifted and mirrored (``head_shift``), blurred
+        (``head_blur``) and with Gaussian noise of std ``head_noise``, each only if set."""
+        c = self.config
+        if c.head_shift:
+            mirrored = torch.rand(len(images), 1, 1, 1, device=images.device) < 0.5
+            images = random_shift(torch.where(mirrored, images.flip(3), images), c.head_shift)
+        if c.head_blur:
+            images = random_blur(images, c.head_blur)
+        if c.head_noise:
+            images = images + c.head_noise * torch.randn_like(images)
+        return images
 
     def loss(
         self, x: torch.Tensor, y: torch.Tensor | None = None, *, kl_weight: float = 1.0
@@ -228,13 +245,13 @@ class EditCVAE(CVAE):
         not tell the result from an ordinary reconstruction."""
         c = self.config
         head = self.attribute_head
-        head_reading = None if head is None else head(self.noisy(x))
+        head_reading = None if head is None else head(self.head_view(x))
         target = self.flipped_labels(y)
         edited = torch.sigmoid(self.decode_logits(z, self.partial_step(y, target)))
         if head is not None:
             head_loss = _bce(head_reading, y)
             label_weight = torch.where(target == y, c.attr_keep_weight, 1.0)
-            attr = _bce(_frozen(head, self.noisy(edited)), target, label_weight)
+            attr = _bce(_frozen(head, self.head_view(edited)), target, label_weight)
             total = total + head_loss + c.attr_weight * attr
             losses |= {"head": head_loss, "attr": attr}
         if self.critic is not None:
