@@ -173,6 +173,24 @@ class Writable:
             )
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint argument (beside ``typer.Argument``): a model.safetensors file, a run or
+    exported folder, or hf-hub:ORG/NAME, turned into the file before the command runs, so
+    every command reads, and writes beside, the same file (`zoo.hub.checkpoint_file`)."""
+
+    def resolve(self, value: Path | list[Path] | None) -> Path | list[Path] | None:
+        from zoo.hub import checkpoint_file
+
+        if isinstance(value, list):
+            return [checkpoint_file(path) for path in value]
+        return None if value is None else checkpoint_file(value)
+
+
+CHECKPOINT_HELP = "A model.safetensors file, a run or exported folder, or hf-hub:ORG/NAME."
+CheckpointArg = Annotated[Path, typer.Argument(help=CHECKPOINT_HELP), Checkpoint()]
+
+
 def default_of(settings: type, name: str) -> Any:
     """A settings dataclass's default for `name`, so a help text quotes it from its one home."""
     found = {field.name: field for field in dataclasses.fields(settings)}[name]
@@ -205,8 +223,10 @@ def _option_name(name: str, metadata: tuple[Any, ...]) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def _check_options(func: Callable[..., Any], values: dict[str, Any]) -> None:
-    """Apply the `Bounds` and `Writable` declared in the command's option annotations."""
+def _check_options(func: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Apply the `Bounds` and `Writable` declared in the command's option annotations; returns
+    the values with every `Checkpoint` argument resolved to its file."""
+    values = dict(values)
     for parameter in inspect.signature(func, eval_str=True).parameters.values():
         if get_origin(parameter.annotation) is not Annotated:
             continue
@@ -215,6 +235,9 @@ def _check_options(func: Callable[..., Any], values: dict[str, Any]) -> None:
         for check in metadata:
             if isinstance(check, (Bounds, Writable)):
                 check.check(option, values.get(parameter.name), parameter.default)
+            if isinstance(check, Checkpoint) and parameter.name in values:
+                values[parameter.name] = check.resolve(values[parameter.name])
+    return values
 
 
 def user_errors(func: F) -> F:
@@ -225,8 +248,7 @@ def user_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _setup_logging()
         try:
-            _check_options(func, kwargs)
-            return func(*args, **kwargs)
+            return func(*args, **_check_options(func, kwargs))
         except ZooError as error:
             err_console.print(styled("error:", "red", str(error)), soft_wrap=True)
             raise typer.Exit(1) from None
@@ -580,7 +602,7 @@ def check_plugin(
 
 @app.command()
 @user_errors
-def info(checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors file.")]) -> None:
+def info(checkpoint: CheckpointArg) -> None:
     """Show what a checkpoint holds: model, paper, config, data, training, benchmark results,
     and where its model card and loss curves are."""
     from zoo.card import about, card_path, read_bench_results
@@ -666,7 +688,6 @@ def data_synth(
     console.print(f"wrote {n:,} {kind} to {path}", soft_wrap=True)
 
 
-CheckpointArg = Annotated[Path, typer.Argument(help="A model.safetensors file.")]
 OutOption = Annotated[Path, typer.Option(help="PNG file to write."), Writable("file")]
 SeedOption = Annotated[int, typer.Option(help="Seed: the same seed gives the same picture."), SEEDS]
 StrengthOption = Annotated[
@@ -884,6 +905,133 @@ def grid(
     _wrote(latent_grid_figure(model, n=n, assignments=assignments).save(out), f"{n}x{n} grid")
 
 
+@app.command()
+@user_errors
+def animate(
+    checkpoint: CheckpointArg,
+    attr: Annotated[
+        str | None, typer.Option(help="Attribute to sweep off -> on -> off (e.g. Smiling).")
+    ] = None,
+    traverse: Annotated[
+        int | None,
+        typer.Option(help="Latent dimension to sweep -span -> +span instead."),
+        Bounds(0),
+    ] = None,
+    frames: Annotated[int, typer.Option(help="Frames per loop (even)."), Bounds(4, 400)] = 24,
+    intensity: Annotated[
+        float, typer.Option(help="How far on the label goes (conditional models)."), Bounds()
+    ] = 1.0,
+    strength: StrengthOption = 1.5,
+    span: Annotated[
+        float, typer.Option(help="Largest |z[dim]| of a traversal."), Bounds(0, low_open=True)
+    ] = 3.0,
+    prior: Annotated[
+        bool, typer.Option("--prior", help="Traverse prior draws instead of encoded faces.")
+    ] = False,
+    images: Annotated[
+        list[Path] | None, typer.Option(help="Image files to animate (default: from --split).")
+    ] = None,
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to take images from.")] = "valid",
+    n: Annotated[int, typer.Option("-n", help="Faces in the row."), Bounds(1, 16)] = 6,
+    seed: SeedOption = 0,
+    frame_ms: Annotated[int, typer.Option(help="Milliseconds per frame."), Bounds(20, 5000)] = 80,
+    out: Annotated[Path, typer.Option(help="GIF file to write."), Writable("file")] = Path(
+        "animation.gif"
+    ),
+    device: DeviceOption = "auto",
+) -> None:
+    """An animated GIF of faces: one attribute swept off to on and back (--attr: the label
+    for conditional models, the concept vector for unconditional ones), or one latent
+    dimension traversed (--traverse DIM)."""
+    from zoo.animation import animation_rows, save_gif
+
+    if (attr is None) == (traverse is None):
+        raise ZooError("give one of --attr NAME (an edit) or --traverse DIM (a latent traversal)")
+    model = _load(checkpoint, device)
+    faces = _faces(model, images or [], [], data, split, n, seed)
+    rows, what = animation_rows(
+        model,
+        faces,
+        attr=attr,
+        traverse=traverse,
+        prior_seed=seed if prior else None,
+        frames=frames,
+        intensity=intensity,
+        strength=strength,
+        span=span,
+    )
+    out = save_gif(rows, out, title=model.model_name, frame_ms=frame_ms)
+    _wrote(out, f"{len(rows)} frames of {what}")
+
+
+@app.command()
+@user_errors
+def export(
+    checkpoint: CheckpointArg,
+    folder: Annotated[
+        Path | None,
+        typer.Argument(help="Hub-ready folder to write (model.safetensors, config.json, card)."),
+        Writable("folder"),
+    ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(help="Also write encoder.onnx and decoder.onnx to this folder."),
+        Writable("folder"),
+    ] = None,
+) -> None:
+    """Export a checkpoint as a folder the Hugging Face hub takes as a model repo (and zoo.load
+    reads offline), and/or as ONNX graphs of its encoder and decoder."""
+    if folder is None and onnx is None:
+        raise ZooError("nothing to export: give a FOLDER and/or --onnx FOLDER")
+    if folder is not None:
+        from zoo.export import export_folder
+
+        export_folder(checkpoint, folder)
+        size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+        _wrote(folder, f"a hub-ready folder of {size / 1e6:.1f} MB (zoo.load reads it)")
+    if onnx is not None:
+        from zoo.onnx_export import export_onnx
+
+        for path in export_onnx(zoo.load(checkpoint), onnx):
+            _wrote(path, f"{path.stem} graph ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+@user_errors
+def demo(
+    checkpoint: CheckpointArg,
+    data: DataOption = None,
+    split: Annotated[str, typer.Option(help="Split to offer faces from.")] = "valid",
+    n: Annotated[int, typer.Option("-n", help="Faces to pick from."), Bounds(1, 1000)] = 32,
+    seed: SeedOption = 0,
+    all_attributes: Annotated[
+        bool, typer.Option("--all-attributes", help="A slider for every attribute, not 13.")
+    ] = False,
+    port: Annotated[
+        int, typer.Option(help="Port on 127.0.0.1 (0: a free one)."), Bounds(0, 65535)
+    ] = 7860,
+    device: DeviceOption = "auto",
+) -> None:
+    """Serve a face-editing web page on 127.0.0.1: sliders per attribute edit a face of the
+    data (or an upload); a second tab generates faces with chosen attributes."""
+    from zoo.demo import Editor, demo_attributes, serve
+
+    model = _load(checkpoint, device)
+    try:
+        faces = _faces(model, [], [], data, split, n, seed)
+    except ZooError as error:  # the page still edits uploads
+        console.print(f"no faces to pick from ({error}); upload one on the page", soft_wrap=True)
+        faces = None
+    editor = Editor(model, faces, demo_attributes(model, all_attributes))
+    app = serve(editor, port, block=False)
+    console.print(f"zoo demo of {model.model_name} at {app.local_url} (Ctrl-C stops it)")
+    try:
+        app.block_thread()
+    finally:
+        app.close()
+
+
 BENCH = BenchSettings()  # the defaults the help of `zoo bench` and `zoo tune-edits` names
 EvalBatchSizeOption = Annotated[
     int | None,
@@ -922,7 +1070,11 @@ def _print_metric_options(name: str) -> None:
 def bench(
     checkpoints: Annotated[
         list[Path] | None,
-        typer.Argument(help="model.safetensors files (default: the latest run of each model)."),
+        typer.Argument(
+            help="model.safetensors files, run or exported folders, or hf-hub:ORG/NAME "
+            "(default: the latest run of each model)."
+        ),
+        Checkpoint(),
     ] = None,
     metric: Annotated[
         list[str] | None,

@@ -44,6 +44,7 @@ from zoo.errors import ZooError
 from zoo.figures import flip_figure
 from zoo.files import atomic_write_text
 from zoo.latent import (
+    ATTGAN_ATTRIBUTES,
     Concept,
     compute_concept,
     concept_path,
@@ -60,11 +61,6 @@ from zoo.progress import image_progress
 
 log = logging.getLogger(__name__)
 
-# The 13 attributes of the AttGAN / STGAN edit benchmarks on CelebA.
-ATTGAN_ATTRIBUTES = (
-    "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses",
-    "Male", "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Young",
-)  # fmt: skip
 TRUSTED_RULER = 0.8  # ruler balanced accuracy from which an attribute's edit score is trusted
 FIGURE_FACES = 6  # images in the picture of single-attribute edits
 INTENSITY_FILE = "edit_intensity.json"  # per-attribute intensities from `zoo tune-edits`

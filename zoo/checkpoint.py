@@ -26,6 +26,7 @@ from zoo.files import (
     shapes,
     write_tensors_file,
 )
+from zoo.hub import checkpoint_file
 from zoo.metadata import MODEL_HINT, MODEL_KIND, CheckpointInfo, header_json
 from zoo.model import GenerativeModel
 from zoo.names import is_distribution_name, is_entry_point, is_version, printable
@@ -70,18 +71,20 @@ def save_checkpoint(
     write_tensors_file(path, MODEL_KIND, state, metadata)
 
 
-def read_info(path: Path) -> CheckpointInfo:
-    """Read a checkpoint's metadata without loading its tensors."""
-    path = Path(path)
+def read_info(path: str | Path) -> CheckpointInfo:
+    """Read a checkpoint's metadata without loading its tensors. ``path`` may also be a run
+    or exported folder, or ``hf-hub:ORG/NAME`` (`zoo.hub.checkpoint_file`)."""
+    path = checkpoint_file(path)
     return CheckpointInfo.from_header(path, read_header(path, MODEL_KIND, MODEL_HINT))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
     """Rebuild a model from a checkpoint file alone, in eval mode.
 
-    The returned model carries the file's metadata as ``model.checkpoint_info``.
+    ``path`` is anything `read_info` takes. The returned model carries the file's metadata
+    as ``model.checkpoint_info``.
     """
-    info = read_info(Path(path))
+    info = read_info(path)
     model_class = _model_class(info)
     expected_as = f"the {info.model_name} config"
     config, skeleton = _skeleton(model_class, info, expected_as)

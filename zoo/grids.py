@@ -51,10 +51,19 @@ class GridRow:
 def save_captioned_grid(
     rows: list[GridRow], path: Path, *, title: str = "", column_labels: list[str] | None = None
 ) -> Path:
-    """Write rows of images with a caption left of each row (and optional column captions).
+    """Write rows of images with a caption left of each row (and optional column captions)."""
+    png = io.BytesIO()
+    captioned_grid(rows, title=title, column_labels=column_labels).save(png, format="PNG")
+    atomic_write_bytes(Path(path), png.getvalue())
+    return Path(path)
 
-    Images are enlarged (nearest neighbour) to at least 128 px so faces and captions are legible.
-    """
+
+def captioned_grid(
+    rows: list[GridRow], *, title: str = "", column_labels: list[str] | None = None
+) -> Image.Image:
+    """The picture of `save_captioned_grid` (also an animation's frame). Images are enlarged
+    (nearest neighbour) to at least 128 px so faces and captions are legible; the size
+    depends on the rows' labels, not the title, so frames that differ in title line up."""
     font = ImageFont.load_default(size=CAPTION_SIZE)
     size = rows[0].images.shape[-1]
     scale = max(1, -(-MIN_CELL // size))
@@ -79,10 +88,7 @@ def save_captioned_grid(
             draw.text((PADDING, y + line_number * LINE_HEIGHT), line, fill="black", font=font)
         for column, image in enumerate(row.images.detach().float().clamp(0, 1).cpu()):
             canvas.paste(_to_pil(image, scale), (label_width + column * cell + PADDING, y))
-    png = io.BytesIO()
-    canvas.save(png, format="PNG")
-    atomic_write_bytes(Path(path), png.getvalue())
-    return Path(path)
+    return canvas
 
 
 def _wrap(text: str) -> list[str]:

@@ -30,6 +30,12 @@ CONCEPT_KIND = "concept vector"
 
 # -- attribute assignments ------------------------------------------------------------------------
 
+# The 13 attributes of the AttGAN / STGAN edit benchmarks on CelebA (and of `zoo demo`).
+ATTGAN_ATTRIBUTES = (
+    "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses",
+    "Male", "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Young",
+)  # fmt: skip
+
 
 def parse_assignments(
     texts: list[str], attr_names: list[str], *, option: str = "--attr"
