@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -261,6 +262,28 @@ def test_an_attribute_animation_goes_off_on_and_back(tiny_cvae, tmp_path):
         assert picture.format == "GIF" and picture.n_frames == 8
 
 
+def test_an_unconditional_model_animates_along_its_concept_vector(tiny_vae, tmp_path):
+    from zoo.animation import attribute_frames
+    from zoo.data import checkpoint_data
+    from zoo.latent import compute_concept, concept_path, faces_from_split, save_concept
+
+    checkpoint = tmp_path / MODEL_FILE  # a copy: the concept file goes beside it
+    shutil.copy(tiny_vae, checkpoint)
+    model = zoo.load(checkpoint)
+    info = model.checkpoint_info
+    faces = faces_from_split(info, checkpoint_data(info, "valid", None), count=2)
+    with pytest.raises(ZooError, match="zoo concept"):  # no vector yet: say how to make one
+        attribute_frames(model, faces, "Smiling", frames=4)
+    concept = compute_concept(model, checkpoint_data(info, "train", None), "Smiling", info)
+    save_concept(concept_path(checkpoint, "Smiling"), concept)
+    rows = attribute_frames(model, faces, "Smiling", frames=4, strength=2.0)
+    z = encode_means(model, faces.images, None)
+    with torch.no_grad():
+        expected = model.decode(z - 2.0 * concept.vector)  # the first frame: -strength
+    assert torch.allclose(rows[0].images, expected, atol=1e-5)
+    assert rows[0].label == "z -2.00 v(Smiling)" and rows[2].label == "z +2.00 v(Smiling)"
+
+
 def test_a_traversal_moves_one_dimension_and_refuses_others(tiny_cvae):
     from zoo.animation import traversal_frames
 
@@ -300,11 +323,24 @@ def test_the_demo_editor_changes_the_face_where_a_slider_moves(tiny_cvae):
     editor = _editor(tiny_cvae)
     name = editor.faces.names[0]
     original, unedited, *values = editor.start(name, None)
-    assert original.shape == (16, 16, 3) and len(values) == 2
+    assert original.shape == (256, 256, 3) and len(values) == 2  # 16 px, shown x16
     assert (editor.edit(name, None, *values) == unedited).all()
     moved = [1.0 - values[0], values[1]]
     assert (editor.edit(name, None, *moved) != unedited).any()
     assert len(editor.generate(["Smiling"], 0)) == 8
+
+
+def test_the_demo_edits_an_uploaded_face_at_the_training_labels(tiny_cvae, tmp_path):
+    editor = _editor(tiny_cvae)
+    upload = tmp_path / "mine.png"
+    Image.new("RGB", (40, 48), (200, 120, 90)).save(upload)
+    original, _, *values = editor.start(None, str(upload))
+    info = editor.model.checkpoint_info
+    rates = [info.attr_rates[info.attr_names.index(name)] for name in ("Smiling", "Male")]
+    modes = [1.0 if rate > 0.5 else 0.0 for rate in rates]
+    assert values == modes and original.shape == (256, 256, 3)
+    with pytest.raises(ZooError, match="pick a face"):
+        editor.start("not-a-face.jpg", None)
 
 
 @pytest.mark.long
@@ -352,3 +388,129 @@ def _pixels(path: str):
 
     with Image.open(path) as picture:
         return np.asarray(picture.convert("RGB"))
+
+
+# -- the demo in a real browser ------------------------------------------------------------------
+
+
+class Browser:
+    """Headless Chromium driven over its DevTools pipe (``--remote-debugging-pipe``: JSON
+    messages ending in NUL on file descriptors 3 and 4), so no driver package is needed."""
+
+    def __init__(self, executable: str, profile: Path) -> None:
+        to_browser, self._commands = os.pipe()
+        self._events, from_browser = os.pipe()
+
+        def wire() -> None:  # in the child: its fds 3 and 4 are the pipe's ends
+            os.dup2(to_browser, 3)
+            os.dup2(from_browser, 4)
+
+        self.process = subprocess.Popen(
+            [executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox",
+             "--disable-gpu", "--no-first-run", "--window-size=1100,1300",
+             f"--user-data-dir={profile}", "about:blank"],
+            preexec_fn=wire, close_fds=False,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(to_browser)
+        os.close(from_browser)
+        self._next, self._buffer, self.session = 0, b"", None
+
+    def send(self, method: str, **params) -> dict:
+        self._next += 1
+        message = {"id": self._next, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                if not select.select([self._events], [], [], 120)[0]:
+                    raise RuntimeError(f"Chromium did not answer {method} in 120 s")
+                chunk = os.read(self._events, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("Chromium closed its DevTools pipe")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._next:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+
+    def evaluate(self, script: str):
+        return self.send("Runtime.evaluate", expression=script, returnByValue=True)["result"].get(
+            "value"
+        )
+
+    def wait_for(self, script: str, timeout: float = 120.0):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(script)
+            if value:
+                return value
+            time.sleep(0.2)
+        text = self.evaluate("document.body ? document.body.innerText.slice(0, 300) : ''")
+        raise AssertionError(f"timed out waiting for {script}; the page shows: {text!r}")
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        shot = self.send("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(shot))
+        return path
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        os.close(self._commands)
+        os.close(self._events)
+
+
+# the src of the edited face once it is loaded ("" before), by the page's element id
+EDITED_SRC = """(() => {
+  const image = document.querySelector('#zoo-edited img');
+  return image && image.complete && image.naturalWidth > 0 ? image.src : '';
+})()"""
+MOVE_FIRST_SLIDER = """(() => {
+  const slider = document.querySelector('input[type=range]');
+  const set = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set;
+  set.call(slider, String(1 - Number(slider.value)));
+  slider.dispatchEvent(new Event('input', {bubbles: true}));
+  slider.dispatchEvent(new Event('change', {bubbles: true}));
+  slider.dispatchEvent(new PointerEvent('pointerup', {bubbles: true}));
+  return slider.value;
+})()"""
+
+
+@pytest.mark.long
+def test_a_browser_moves_a_slider_and_the_face_changes(tiny_cvae, tmp_path):
+    """Where Chromium is installed (Debian's chromium package): the page loads, a slider
+    moves, the edited face is replaced; the screenshot is kept in this test's tmp_path."""
+    pytest.importorskip("gradio")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("no Chromium: apt install chromium to run the browser test of zoo demo")
+    from zoo.demo import serve
+
+    app = serve(_editor(tiny_cvae), 0, block=False)
+    browser = Browser(executable, tmp_path / "profile")
+    try:
+        browser.open(app.local_url)
+        browser.wait_for("document.querySelectorAll('input[type=range]').length == 2")
+        before = browser.wait_for(EDITED_SRC)
+        browser.evaluate(MOVE_FIRST_SLIDER)
+        browser.wait_for(f"![{json.dumps(before)}, ''].includes({EDITED_SRC})")
+        shot = browser.screenshot(tmp_path / "demo-screenshot.png")
+        with Image.open(shot) as picture:
+            assert picture.size[0] > 500
+    finally:
+        browser.close()
+        app.close()

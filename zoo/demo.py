@@ -39,15 +39,19 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 GALLERY = 8  # faces per "generate"
+SHOWN = 256  # least side of a face on the page, in screen pixels
 SLIDER_RANGE = (-1.0, 2.0)  # 0 off, 1 on; beyond pushes the edit further (AttGAN's intensity)
 EXTRA_ADVICE = "install the demo extra: pip install 'zoo[demo]'"
 
 
 def _picture(image: torch.Tensor) -> np.ndarray:
-    """C x H x W in [0, 1] -> H x W x 3 uint8, what Gradio shows."""
+    """C x H x W in [0, 1] -> H x W x 3 uint8, what Gradio shows: enlarged (each pixel a
+    block) to at least ``SHOWN`` px, so a 64 px face is not a thumbnail."""
     pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     if pixels.shape[0] == 1:
         pixels = pixels.expand(3, -1, -1)
+    scale = max(1, -(-SHOWN // pixels.shape[-1]))
+    pixels = pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     return pixels.permute(1, 2, 0).contiguous().numpy()
 
 
@@ -169,8 +173,12 @@ def build_app(editor: Editor) -> Any:
                 pick = gr.Dropdown(choices, value=choices[0] if choices else None, label="face")
                 upload = gr.Image(type="filepath", label="or upload a face", sources=["upload"])
             with gr.Row():
-                original = gr.Image(label="original", interactive=False, height=256)
-                edited = gr.Image(label="edited", interactive=False, height=256)
+                original = gr.Image(
+                    label="original", interactive=False, height=256, elem_id="zoo-original"
+                )
+                edited = gr.Image(
+                    label="edited", interactive=False, height=256, elem_id="zoo-edited"
+                )
             sliders = [
                 gr.Slider(*SLIDER_RANGE, value=0.0, step=0.05, label=name)
                 for name in editor.attributes
