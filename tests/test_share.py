@@ -126,6 +126,24 @@ def test_a_folder_file_that_leads_outside_the_folder_is_refused(tiny_cvae, tmp_p
         zoo.load(out)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["[" * 100_000, "not json", '"a string"', b"\xff\xfe".decode("latin-1"), "fifo"],
+    ids=["deep", "text", "string", "binary", "fifo"],
+)
+def test_a_damaged_config_json_is_one_line_never_a_hang(tiny_cvae, tmp_path, damage):
+    out = tmp_path / "hub"
+    export_folder(tiny_cvae, out)
+    (out / CONFIG_FILE).unlink()
+    if damage == "fifo":
+        os.mkfifo(out / CONFIG_FILE)
+    else:
+        (out / CONFIG_FILE).write_text(damage, encoding="latin-1")
+    with pytest.raises(ZooError, match=r"config.json") as error:
+        zoo.load(out)
+    assert "\n" not in str(error.value)
+
+
 def test_export_refuses_a_folder_holding_other_files(tiny_cvae, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ZooError, match="not empty and is not an earlier zoo export"):

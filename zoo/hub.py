@@ -79,6 +79,9 @@ def _folder_file(folder: Path, root: Path, named: str) -> Path:
         )
     _inside(weights, root, named)
     config = folder / CONFIG_FILE
+    for path in (weights, config):
+        if path.exists() and not path.is_file():  # a folder, a FIFO or a device: never read
+            raise ZooError(f"{named}: {path.name} is not a regular file")
     if config.exists():
         _inside(config, root, named)
         exported = read_config(config)
@@ -98,12 +101,13 @@ def _inside(path: Path, root: Path, named: str) -> None:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ZooError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not zoo's config")
+    """A folder's config.json as a dict, refusing (in one line) what is not zoo's JSON."""
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ZooError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes; it is not zoo's")
         values = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ZooError(f"{path} is not valid JSON ({error}); export the model again") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ZooError(f"{path} cannot be read as JSON ({error}); export the model again") from None
     if not isinstance(values, dict):
         raise ZooError(f"{path} must hold a JSON object; export the model again")
     return values
