@@ -11,7 +11,6 @@ Nothing here is a pass/fail test: the numbers go in docs/share.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 
 import zoo
 from zoo.demo import Editor, demo_attributes
+from zoo.device import cpu_flags, cpu_name
 from zoo.export import export_folder
 from zoo.latent import Faces
 from zoo.onnx_export import export_onnx
@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
-    print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    print(f"cpu: {cpu_name()} ({', '.join(flags) or 'no AVX2'}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "hub"
