@@ -96,6 +96,8 @@ def test_an_exported_folder_is_the_same_model_with_config_and_card(tiny_cvae, tm
     assert config["attributes"] == info.attr_names and config["image_size"] == 16
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: zoo") and "model-index" in card
+    assert 'zoo.load("hf-hub:ORG/NAME")' in card  # the hub's way in, on the export's card only
+    assert "hf-hub:" not in (tiny_cvae.parent / "README.md").read_text()
     # the folder, the run folder and the file give bit-identical reconstructions
     expected = _reconstruction(zoo.load(tiny_cvae))
     assert torch.equal(_reconstruction(zoo.load(out)), expected)

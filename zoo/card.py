@@ -36,6 +36,7 @@ from zoo.checkpoint import read_info
 from zoo.curves import CURVES_FILE
 from zoo.errors import ZooError
 from zoo.files import WriteFailed, atomic_write_text, exclusive_lock
+from zoo.hub import is_export
 from zoo.metadata import CheckpointInfo
 from zoo.names import code_fence, markdown_code, markdown_text, printable, yaml_string
 from zoo.registry import MODELS
@@ -305,12 +306,20 @@ def _how_to_load(info: CheckpointInfo, model_class: Any) -> str:
     )
     quoted = shlex.quote(printable(name))  # a name the file system allows but UTF-8 does not
     shell = f"zoo generate {quoted} -n 16 --out samples.png\nzoo info {quoted}"
+    exported = is_export(Path(info.path).parent)
+    hub = (
+        "\n\nUploaded as a hub model repo (this folder is one, written by `zoo export`), it loads "
+        "with `zoo.load(\"hf-hub:ORG/NAME\")` (`pip install 'zoo[hub]'`)."
+        if exported
+        else ""
+    )
     return (
         f"## How to load\n\nFrom this folder ({markdown_code(Path(info.path).parent.name)}); "
         "the file alone rebuilds the model, no pickle:\n\n"
         + _code_block("python", python)
         + "\n\n"
         + _code_block("sh", shell)
+        + hub
     )
 
 

@@ -13,12 +13,11 @@ from zoo.files import atomic_write_bytes, atomic_write_text
 from zoo.hub import (
     CARD_FILE,
     CONFIG_FILE,
-    EXPORT_FORMAT,
     EXTRAS,
     MODEL_FILE,
     checkpoint_file,
     export_config,
-    read_config,
+    is_export,
 )
 
 
@@ -48,8 +47,7 @@ def _check_target(out: Path) -> None:
         raise ZooError(f"{out} is a file; give a folder to export into")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    config = out / CONFIG_FILE
-    if not (config.is_file() and read_config(config).get("format") == EXPORT_FORMAT):
+    if not is_export(out):
         raise ZooError(
             f"{out} is not empty and is not an earlier zoo export; give a new or empty folder"
         )

@@ -100,6 +100,17 @@ def _inside(path: Path, root: Path, named: str) -> None:
         )
 
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a config.json written by `zoo export` (read, never trusted)."""
+    config = folder / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return read_config(config).get("format") == EXPORT_FORMAT
+    except ZooError:
+        return False
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """A folder's config.json as a dict, refusing (in one line) what is not zoo's JSON."""
     try:
