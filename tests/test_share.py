@@ -361,6 +361,14 @@ def test_the_demo_edits_an_uploaded_face_at_the_training_labels(tiny_cvae, tmp_p
         editor.start("not-a-face.jpg", None)
 
 
+def test_the_demo_without_the_extra_names_it(tiny_cvae, monkeypatch):
+    from zoo.demo import build_app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import fails
+    with pytest.raises(ZooError, match=r"pip install 'zoo\[demo\]'"):
+        build_app(_editor(tiny_cvae))
+
+
 @pytest.mark.long
 def test_the_demo_serves_on_loopback_and_edits_through_its_api(tiny_cvae):
     pytest.importorskip("gradio")
