@@ -9,6 +9,7 @@ import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -475,8 +476,6 @@ class Browser:
         )
 
     def wait_for(self, script: str, timeout: float = 120.0):
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = self.evaluate(script)
@@ -526,12 +525,20 @@ def test_a_browser_moves_a_slider_and_the_face_changes(tiny_cvae, tmp_path):
         pytest.skip("no Chromium: apt install chromium to run the browser test of zoo demo")
     from zoo.demo import serve
 
-    app = serve(_editor(tiny_cvae), 0, block=False)
+    editor = _editor(tiny_cvae)
+    edits = []
+    decode_edit = editor.edit
+    editor.edit = lambda *args: edits.append(args) or decode_edit(*args)
+    app = serve(editor, 0, block=False)
     browser = Browser(executable, tmp_path / "profile")
     try:
         browser.open(app.local_url)
         browser.wait_for("document.querySelectorAll('input[type=range]').length == 2")
         before = browser.wait_for(EDITED_SRC)
+        time.sleep(1.0)
+        # one decode per page load: a second, identical one (the sliders' own `change`
+        # when the face sets them) rewrote the cached image while it was being fetched
+        assert len(edits) == 1, edits
         browser.evaluate(MOVE_FIRST_SLIDER)
         browser.wait_for(f"![{json.dumps(before)}, ''].includes({EDITED_SRC})")
         shot = browser.screenshot(tmp_path / "demo-screenshot.png")

@@ -191,8 +191,11 @@ def build_app(editor: Editor) -> Any:
         sources = [pick, upload]
         for trigger in (pick.change, upload.change, app.load):
             trigger(shown(editor.start), sources, [original, edited, *sliders], api_name=False)
+        # `input`, not `change`: `change` also fires when `start` sets the sliders, and
+        # that second, identical decode made Gradio rewrite the cached image in place
+        # while the browser was still fetching it (a truncated image, never replaced)
         gr.on(
-            [slider.change for slider in sliders],
+            [slider.input for slider in sliders],
             shown(editor.edit),
             [*sources, *sliders],
             edited,
