@@ -128,7 +128,7 @@ def _skeleton(
     """(config, the model built on the meta device): its shapes, at no memory cost, so a config
     that asks for terabytes is refused before anything real is allocated."""
     try:
-        config = model_class.config_class.from_dict(info.config)
+        config = model_class.config_class.from_saved(info.config)
         with torch.device("meta"):
             return config, model_class(config)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.errors import ZooError
+from zoo.nets import DECODER_TAILS
 
 if TYPE_CHECKING:
     from zoo.data import ImageData
@@ -39,6 +40,7 @@ class ModelConfig:
     `recon_sigma` is the fixed standard deviation of the Gaussian decoder: the
     reconstruction term is sum((x - x_hat)^2) / (2 sigma^2), the negative
     log-likelihood up to a constant, so `beta` keeps its beta-VAE meaning.
+    `decoder_tail` is how the conv decoder makes its last doubling (`zoo.nets`).
     """
 
     image_size: int = 64
@@ -50,6 +52,18 @@ class ModelConfig:
     beta: float = 1.0
     likelihood: str = "gaussian"
     recon_sigma: float = 0.1
+    decoder_tail: str = "pixel-shuffle"
+
+    # fields added after checkpoints were written, with the value every config saved without
+    # them was built with: a saved config lists all its fields, so a missing one is older
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"decoder_tail": "deconv"}
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a config a checkpoint or run recorded; fields it predates get the value
+        it was built with, so every older checkpoint loads and decodes exactly as before."""
+        older = {k: v for k, v in cls.SAVED_BEFORE.items() if k in _field_names(cls)}
+        return cls.from_dict({**older, **values})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -86,6 +100,10 @@ class ModelConfig:
             raise ZooError(f"beta must be non-negative, got {self.beta}")
         if self.recon_sigma <= 0:
             raise ZooError(f"recon_sigma must be positive, got {self.recon_sigma}")
+        if self.decoder_tail not in DECODER_TAILS:
+            raise ZooError(
+                f"decoder_tail {self.decoder_tail!r} is not one of {', '.join(DECODER_TAILS)}"
+            )
         if self.channels < 1 or self.num_attributes < 0:
             raise ZooError("channels must be >= 1 and num_attributes >= 0")
 
@@ -94,6 +112,10 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _field_names(config_class: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class)}
 
 
 @dataclass

@@ -9,6 +9,7 @@ the loop, logging, saves, exact resume and DDP are `zoo.run`'s, shared with the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -28,7 +29,7 @@ from zoo.files import WriteFailed
 from zoo.grids import training_grid
 from zoo.model import GenerativeModel
 from zoo.registry import MODELS, create_model, get_model_class
-from zoo.run import TrainingRun, stored_settings
+from zoo.run import SETTINGS_FILE, TrainingRun, stored_settings
 from zoo.settings import TrainSettings
 from zoo.step import make_optimizer
 
@@ -231,5 +232,20 @@ class Trainer(TrainingRun):
 
 
 def resume_settings(run_dir: Path, **overrides: Any) -> TrainSettings:
-    """The settings a run was started with, with step budgets optionally extended."""
-    return stored_settings(run_dir, TrainSettings, **overrides)
+    """The settings a run was started with, with step budgets optionally extended.
+
+    The model fields the run's recorded config predates keep the value it was built with
+    (`ModelConfig.SAVED_BEFORE`), so a run started before a default changed resumes the same
+    network."""
+    settings = stored_settings(run_dir, TrainSettings, **overrides)
+    try:  # stored_settings has read it: a second read fails only if it changed meanwhile
+        recorded = json.loads((Path(run_dir) / SETTINGS_FILE).read_bytes()).get("model_config")
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict):
+        config_class = get_model_class(settings.model).config_class
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        for name, value in config_class.SAVED_BEFORE.items():
+            if name in fields and name not in recorded:
+                settings.model_config.setdefault(name, value)
+    return settings

@@ -46,6 +46,7 @@ class CVAE(GenerativeModel):
             c.base_channels,
             c.max_channels,
             cond_features=cond_features,
+            tail=c.decoder_tail,
         )
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:

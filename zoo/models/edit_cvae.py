@@ -86,6 +86,8 @@ class EditCVAEConfig(ModelConfig):
     head_blur: float = 0.0
     realism_weight: float = 0.0
     critic_patch: int = 0
+    # the editors keep the old tail until a seeded study shows the new one edits as well
+    decoder_tail: str = "deconv"
 
     def validate(self) -> None:
         super().validate()

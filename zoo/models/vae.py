@@ -29,7 +29,12 @@ class VAE(GenerativeModel):
         self.encoder = ConvEncoder(c.channels, c.image_size, c.base_channels, c.max_channels)
         self.to_posterior = nn.Linear(self.encoder.out_features, 2 * c.latent_dim)
         self.decoder = ConvDecoder(
-            c.latent_dim, c.channels, c.image_size, c.base_channels, c.max_channels
+            c.latent_dim,
+            c.channels,
+            c.image_size,
+            c.base_channels,
+            c.max_channels,
+            tail=c.decoder_tail,
         )
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
