@@ -17,7 +17,7 @@ import torch
 from benchmarks.metric import BenchContext, Metric, option, register_metric
 from zoo.errors import ZooError
 from zoo.precision import PRECISIONS, autocast, choose_precision
-from zoo.step import make_optimizer, measure_step_times, median_seconds, train_step
+from zoo.step import make_optimizer, measure_step_times, median_seconds, step_subject, train_step
 from zoo.train import TrainSettings
 
 WARMUP_CALLS = 5  # oneDNN picks bf16 kernels over the first few calls
@@ -55,7 +55,6 @@ class Throughput(Metric):
     def compute(self, context: BenchContext) -> dict[str, Any]:
         settings, device, model = context.settings, context.device, context.model.eval()
         options = context.options(self)
-        precision = choose_precision(device, options.precision, measure_step_times).precision
         batch = options.batch_size
         index = torch.arange(batch) % len(context.data)
         images, _ = context.data.batch(index, device)
@@ -66,8 +65,18 @@ class Throughput(Metric):
         trainee = copy.deepcopy(model).train()  # zoo train's step: its Adam, its finiteness check
         optimizer = make_optimizer(trainee.parameters(), device, TrainSettings.lr)
 
-        def one_step() -> None:
+        def step_in(precision: str) -> None:
             train_step(lambda: trainee(images, y), trainee, optimizer, device, precision)
+
+        precision = choose_precision(
+            device,
+            options.precision,
+            lambda: measure_step_times(step_in, device),
+            step_subject(context.info.model_name, trainee, images),
+        ).precision
+
+        def one_step() -> None:
+            step_in(precision)
 
         def inference(call: Callable[[], Any]) -> Callable[[], Any]:
             """`call` as the models run at inference: no autograd, in the chosen precision."""

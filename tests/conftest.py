@@ -11,7 +11,6 @@ import torch
 from torchvision.io import encode_jpeg
 
 from zoo.data.cache import quiet_image_io
-from zoo.precision import StepTimes, store_measurement
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -52,16 +51,10 @@ def isolated_environment(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every test gets its own cache dir (beside its tmp_path, which stays as the test left
-    it) and no data settings from the developer's shell.
-
-    The cache holds a precision probe result in which bf16 is no faster, so `--precision
-    auto` trains in fp32 on every machine without timing the probe in each test (the rule
-    itself is tested in tests/test_device.py).
-    """
+    it) and no data settings from the developer's shell."""
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path_factory.mktemp("zoo-cache")))
     monkeypatch.delenv("ZOO_DATA", raising=False)
     monkeypatch.delenv("ZOO_SYNTHETIC_N", raising=False)
-    store_measurement(torch.device("cpu"), StepTimes(fp32=1.0, bf16=1.0))
 
 
 class TinyCelebA:

@@ -2,15 +2,18 @@
 
 ``--precision auto`` on a CPU is decided by measurement, not by a CPU flag: bf16 autocast
 is fast where the CPU computes bf16 natively (AMX, AVX-512 BF16) and slower than fp32 where
-it is emulated, and no single flag tells them apart. A probe (`zoo.step.measure_step_times`,
-passed in by the caller, since it trains a model and models sit above this module) times a
-few training steps in each precision once per CPU model and torch version; the result is
-stored as JSON in the zoo cache dir.
+it is emulated, and how much faster depends on the network and the batch (on one Intel Xeon
+bf16 was 1.2x fp32 for the cvae at batch 64 and no faster for the editor). So the probe,
+passed in by the caller since it trains a model and models sit above this module, times the
+run's own training step in each precision (`zoo.step.measure_step_times`); the result is
+stored as JSON in the zoo cache dir, keyed by the CPU model, its flags, the torch version
+and what was measured (the subject: model, batch shape, threads).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.device import cpu_name
+from zoo.device import cpu_flags, cpu_name
 from zoo.errors import ZooError
 from zoo.files import WriteFailed, atomic_write_text, cache_dir
 
@@ -45,7 +48,7 @@ class PrecisionChoice:
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Seconds of CPU time for one probe training step in each precision."""
+    """Seconds of one probe training step in each precision."""
 
     fp32: float
     bf16: float
@@ -55,12 +58,14 @@ class StepTimes:
         return self.fp32 / self.bf16
 
 
-Probe = Callable[[torch.device], StepTimes]
+Probe = Callable[[], StepTimes]
 
 
-def probe_key(device: torch.device) -> str:
-    """What a stored measurement is valid for: this CPU model and this torch version."""
-    return f"{device.type}: {cpu_name()} | torch {torch.__version__}"
+def probe_key(device: torch.device, subject: str) -> str:
+    """What a stored measurement is valid for: this CPU model and its flags (a digest: two
+    CPUs of one name can differ in them), this torch version, and the step it timed."""
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return f"{device.type}: {cpu_name()} | flags {flags} | torch {torch.__version__} | {subject}"
 
 
 def _read_cache(path: Path) -> dict:
@@ -72,9 +77,9 @@ def _read_cache(path: Path) -> dict:
     return entries if isinstance(entries, dict) else {}
 
 
-def read_measurement(device: torch.device) -> StepTimes | None:
-    """The stored probe result for this machine and torch version, if there is a valid one."""
-    entry = _read_cache(cache_dir() / PRECISION_FILE).get(probe_key(device))
+def read_measurement(device: torch.device, subject: str) -> StepTimes | None:
+    """The stored probe result for this machine, torch version and subject, if a valid one."""
+    entry = _read_cache(cache_dir() / PRECISION_FILE).get(probe_key(device, subject))
     try:
         times = StepTimes(fp32=float(entry["fp32_s"]), bf16=float(entry["bf16_s"]))
     except (TypeError, KeyError, ValueError):
@@ -83,11 +88,11 @@ def read_measurement(device: torch.device) -> StepTimes | None:
     return times if valid else None
 
 
-def store_measurement(device: torch.device, times: StepTimes) -> None:
+def store_measurement(device: torch.device, subject: str, times: StepTimes) -> None:
     """Add a probe result to the cache file (written atomically; a failure only warns)."""
     path = cache_dir() / PRECISION_FILE
     entries = _read_cache(path)
-    entries[probe_key(device)] = {
+    entries[probe_key(device, subject)] = {
         "fp32_s": times.fp32,
         "bf16_s": times.bf16,
         "speedup": round(times.speedup, 3),
@@ -99,12 +104,20 @@ def store_measurement(device: torch.device, times: StepTimes) -> None:
         log.warning("could not store the precision probe (%s)", error)
 
 
-def choose_precision(device: torch.device, precision: str, probe: Probe) -> PrecisionChoice:
+def choose_precision(
+    device: torch.device,
+    precision: str,
+    probe: Probe,
+    subject: str,
+    *,
+    unprobed: str | None = None,
+) -> PrecisionChoice:
     """``fp32`` or ``bf16`` as asked; ``auto`` is bf16 where it is clearly faster, else fp32.
 
-    On CUDA that is a GPU with bf16 support; on a CPU, a `probe` (run once, then stored per CPU
-    model and torch version) that measured bf16 autocast at least `BF16_SPEEDUP_NEEDED` times
-    as fast as fp32.
+    On CUDA that is a GPU with bf16 support; on a CPU, a `probe` of the step named `subject`
+    (run once, then stored per CPU, torch version and subject) that measured bf16 autocast at
+    least `BF16_SPEEDUP_NEEDED` times as fast as fp32. With `unprobed` (why a probe would not
+    pay, say a run of a few steps) and nothing stored, fp32 without probing.
     """
     if precision in PRECISIONS:
         return PrecisionChoice(precision, "requested")
@@ -117,13 +130,15 @@ def choose_precision(device: torch.device, precision: str, probe: Probe) -> Prec
         return PrecisionChoice("fp32", f"auto: {name} has no bf16")
     if device.type != "cpu":
         return PrecisionChoice("fp32", f"auto: bf16 autocast is not used on {device.type}")
-    times = read_measurement(device)
+    times = read_measurement(device, subject)
     source = "cached"
     if times is None:
-        times = probe(device)
-        store_measurement(device, times)
+        if unprobed is not None:
+            return PrecisionChoice("fp32", f"auto: not probed ({unprobed})")
+        times = probe()
+        store_measurement(device, subject, times)
         source = "measured now"
-    speed = f"{times.speedup:.2f}x the speed of fp32 on {cpu_name()}, {source}"
+    speed = f"{times.speedup:.2f}x the speed of fp32 for {subject} on {cpu_name()}, {source}"
     if times.speedup >= BF16_SPEEDUP_NEEDED:
         return PrecisionChoice("bf16", f"auto: bf16 measured {speed}")
     return PrecisionChoice(

@@ -17,6 +17,7 @@ logs and saves.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import json
@@ -47,15 +48,18 @@ from zoo.errors import ZooError, error_reason
 from zoo.files import WriteFailed, append_text, atomic_write_bytes, hold_lock, remove_temporaries
 from zoo.metrics_log import METRICS_FILE, read_log
 from zoo.names import printable
-from zoo.precision import PrecisionChoice, choose_precision, exact_fp32
+from zoo.precision import PrecisionChoice, StepTimes, choose_precision, exact_fp32
 from zoo.progress import training_progress
-from zoo.step import measure_step_times, train_step
+from zoo.step import measure_step_times, step_subject, train_step
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.safetensors"
 SETTINGS_FILE = "config.json"
 RUN_LOCK = ".zoo-run.lock"  # held by the process that trains the run
+# `--precision auto` probes runs of at least this many steps; shorter ones train in fp32: the
+# probe's 14 or more steps would be a large share of them, and bf16 at most halves a step
+PROBE_MIN_STEPS = 50
 
 T = TypeVar("T")
 
@@ -281,8 +285,6 @@ class TrainingRun:
         self.device = self.ranks.device(settings.device)
         self.ranks.join(self.device)
         keep_freed_memory()
-        self.precision_choice = self._choose_precision()
-        self.precision = self.precision_choice.precision
         if settings.deterministic:
             # cuBLAS needs this workspace setting to be deterministic; harmless elsewhere
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -301,6 +303,8 @@ class TrainingRun:
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.step = 0
+        self.precision_choice = self._choose_precision()  # may time this run's own step
+        self.precision = self.precision_choice.precision
         self.wall_time = 0.0  # of the closed logging windows; the open one has its own clock
         self.images_seen = 0
         self.last_rate = 0.0
@@ -391,12 +395,67 @@ class TrainingRun:
         """Under DDP rank 0 decides ``auto`` (it may run the probe) and the other ranks follow."""
         requested = self.settings.precision
         if self.ranks.solo or requested != "auto":
-            return choose_precision(self.device, requested, measure_step_times)
-        choice = (
-            choose_precision(self.device, requested, measure_step_times) if self.is_main else None
-        )
+            return self._decide_precision(requested)
+        choice = self._decide_precision(requested) if self.is_main else None
         agreed = self.ranks.broadcast_text(choice.precision if choice else "", self.device)
         return choice or PrecisionChoice(agreed, "auto: as rank 0 chose")
+
+    def _decide_precision(self, requested: str) -> PrecisionChoice:
+        steps = self.total_steps
+        return choose_precision(
+            self.device,
+            requested,
+            self._probe_step_times,
+            self._probe_subject(),
+            unprobed=(
+                f"the run has {steps} steps and the probe runs from {PROBE_MIN_STEPS}"
+                if steps < PROBE_MIN_STEPS
+                else None
+            ),
+        )
+
+    def _probe_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The run's first batch, as this process trains on it."""
+        return self.batch(self._shard(epoch_plan(len(self.data), self.settings.seed, 0)))
+
+    def _probe_subject(self) -> str:
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            return step_subject(self.name, self.model, self._probe_inputs()[0])
+
+    def _probe_step_times(self) -> StepTimes:
+        """This run's own training step timed in each precision (`zoo.step.measure_step_times`)
+        on its first batch. The plain model stands in for its DDP or compiled wrapper (no
+        collective while the other ranks wait, no compile per precision). Weights, optimizer
+        state and RNG are put back exactly, so the run is the one it would be without the probe.
+        """
+        weights = copy.deepcopy(self.model.state_dict())
+        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        wrapped, self.trainable = self.trainable, self.model
+        training = self.model.training
+        self.model.train()
+        try:
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                inputs = self._probe_inputs()
+
+                def step(precision: str) -> None:
+                    train_step(
+                        lambda: self.losses(inputs),
+                        self.model,
+                        self.optimizer,
+                        self.device,
+                        precision,
+                    )
+
+                return measure_step_times(step, self.device)
+        finally:
+            self.trainable = wrapped
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(optimizer_state)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.train(training)
+
+    def _rng_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
 
     def _load_data(self) -> ImageData:
         """Rank 0 prepares the cache first; the other ranks then only read it."""
