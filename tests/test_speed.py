@@ -16,8 +16,11 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.lab import speed
+
+PEER_SRC = Path(__file__).resolve().parents[2] / "shared" / "peers" / "pytorch-vae"
 
 STAND_IN = """
 from pathlib import Path
@@ -159,3 +162,59 @@ def test_the_speed_lab_runs_from_a_checkout_and_is_not_installed(tmp_path):
         timeout=300,
     )
     assert lab.returncode == 0 and "--only" in lab.stdout, lab.stderr
+
+
+def test_the_peer_behind_zoos_interface_encodes_and_decodes_as_its_own_forward_does():
+    """PeerAsZooModel's encode and decode are the peer's forward without its noise, so zoo's
+    metrics score what the peer computes (a mix-up of y's place, or of the label plane and
+    the image, fails here)."""
+    if not PEER_SRC.is_dir():
+        pytest.skip(f"PyTorch-VAE's model files are not in {PEER_SRC}")
+    torch.manual_seed(0)
+    model = speed.peer_model_class("pytorch-vae", PEER_SRC)(
+        in_channels=3, num_classes=5, latent_dim=8
+    ).eval()
+    wrapped = speed.PeerAsZooModel(model, 5).eval()
+    x, y = torch.rand(3, 3, 64, 64), (torch.rand(3, 5) < 0.5).float()
+    with torch.no_grad():
+        model.reparameterize = lambda mu, logvar: mu  # the forward, without its noise
+        recon, _, mu, log_var = model(x, labels=y)
+        posterior = wrapped.encode(x, y)
+        assert torch.equal(posterior.mean, mu) and torch.equal(posterior.logvar, log_var)
+        assert torch.equal(wrapped.reconstruct(x, y), recon.clamp(0, 1))
+
+
+def test_time_to_quality_trains_zoo_an_epoch_at_a_time_until_it_matches_the_peer(
+    make_celeba, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(speed, "PEER_WORKERS", 0)
+    monkeypatch.setattr(speed, "PEER_EPOCHS", 2)
+    data = make_celeba(partition=(0, 0, 0, 0, 1, 1))
+    scores = iter([{"mse": 0.02, "fd_attr": 5.0}, {"mse": 0.03, "fd_attr": 4.0},
+                   {"mse": 0.01, "fd_attr": 6.0}, {"mse": 0.02, "fd_attr": 5.0}])  # fmt: skip
+    scored = []
+
+    def quality_of(checkpoint, classifier, device, model=None):
+        scored.append((checkpoint.parent.name, model is not None))
+        return next(scores)
+
+    monkeypatch.setattr(speed, "quality_of", quality_of)
+    monkeypatch.setattr(speed, "PeerAsZooModel", lambda peer, attributes: peer)
+    classifier = tmp_path / "classifier.safetensors"
+    classifier.write_bytes(b"")
+    peer_src = stand_in_peer(tmp_path / "peer")
+    result = speed.measure_time_to_quality(str(data), speed.pick_device("cpu"), "pytorch-vae",
+                                           peer_src, classifier, max_epochs=5)  # fmt: skip
+    seen = (tmp_path / "peer" / "models" / "seen.txt").read_text().split()
+    assert sum(map(int, seen)) == 2 * 4  # two epochs of the 4 training images
+    # the peer once (after zoo's first epoch), then zoo after each epoch of one run, until
+    # epoch 3 was as good as the peer on both (worse MSE at 1, worse FD-attr at 2)
+    assert [model for _, model in scored] == [True, False, False, False]
+    assert len({run for run, _ in scored}) == 1
+    assert [row["epoch"] for row in result["ours"]] == [1, 2, 3] and result["reached"]
+    seconds = [row["train_seconds"] for row in result["ours"]]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert result["ratio"] == pytest.approx(result["peer_train_seconds"] / seconds[-1])
+    with pytest.raises(speed.ZooError, match="train one with `zoo train-classifier"):
+        speed.measure_time_to_quality(str(data), speed.pick_device("cpu"), "pytorch-vae",
+                                      peer_src, tmp_path / "missing", max_epochs=1)  # fmt: skip

@@ -1,7 +1,7 @@
 """Speed of training, measured honestly: ``python -m benchmarks.lab.speed [--data DIR] ...``.
 
-Prints (and with ``--out`` writes as JSON) five measurements of the default CVAE at 64 px,
-batch 64, on this machine:
+Prints (and with ``--out`` writes as JSON) measurements of the default CVAE at 64 px, batch
+64, on this machine (``--only`` picks parts):
 
 - ``pipeline``: end-to-end img/s over a whole epoch of ``zoo train cvae`` (prepared uint8
   cache, flips on tensors, default precision) against a plain PyTorch pipeline with the same
@@ -11,8 +11,16 @@ batch 64, on this machine:
   ``ConditionalVAE``, imported unmodified from DIR, in that same published pipeline (Adam
   lr 0.005, batch 64, KL weight 0.00025, 2 DataLoader workers, fp32), then one epoch of
   ``zoo train cvae`` with its defaults, in the same process, and the ratio of the two.
+- ``quality`` (with ``--peer-src`` and ``--classifier``): time to quality. The peer trains for
+  20 epochs as published (also its per-epoch learning-rate decay, 0.95) and is scored on the
+  valid split by zoo's own recon and fid metrics (MSE; FD-attr in the classifier's
+  features); then ``zoo train cvae`` with defaults trains one epoch at a time (resumed) and is
+  scored after each until it is at least as good on both. Prints both training wall times
+  (scoring excluded) and their ratio.
 - ``precision``: training-step img/s in fp32 and bf16 autocast, and both loss curves from the
   same initial weights and batches.
+- ``probe``: the ``--precision auto`` probe of that step three times, uncached, and how far
+  apart its bf16 speed-ups are.
 - ``flops``: FLOPs per image of a training step (torch.utils.flop_counter) and the achieved
   GFLOP/s against this machine's measured matmul peak in the same dtype.
 - ``compile``: training-step img/s with and without torch.compile, and the compile time.
@@ -44,6 +52,7 @@ from typing import Any
 import torch
 from PIL import Image
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -54,10 +63,17 @@ from zoo.data import ImageData, load_data, resolve_source
 from zoo.data.celeba import IMAGE_DIR, SPLIT_CODES, read_labels
 from zoo.device import cpu_flags, cpu_name, keep_freed_memory, pick_device
 from zoo.errors import ZooError
-from zoo.precision import choose_precision
+from zoo.precision import PrecisionChoice, choose_precision
 from zoo.registry import get_model_class
-from zoo.step import all_finite, make_optimizer, measure_step_times, median_seconds, train_step
-from zoo.train import Trainer, TrainSettings
+from zoo.step import (
+    all_finite,
+    make_optimizer,
+    measure_step_times,
+    median_seconds,
+    step_subject,
+    train_step,
+)
+from zoo.train import Trainer, TrainSettings, resume_settings
 
 BATCH = 64
 SIZE = 64
@@ -92,6 +108,42 @@ def step_function(
         return outcome.losses["loss"].detach()
 
     return step
+
+
+def default_step(data: ImageData, device: torch.device) -> tuple[Callable[[str], Any], str]:
+    """The step of ``zoo train cvae`` with defaults, as a function of the precision, and the
+    probe's name for it (the same cache entry as the trainer's, so either probe counts)."""
+    model = make_model(len(data.attr_names), device)
+    optimizer = make_optimizer(model.parameters(), device, TrainSettings.lr)
+    x, y = data.batch(torch.arange(BATCH) % len(data), device)
+
+    def step(precision: str) -> None:
+        train_step(lambda: model(x, y), model, optimizer, device, precision)
+
+    return step, step_subject("cvae", model, x)
+
+
+def auto_precision(data: ImageData, device: torch.device) -> PrecisionChoice:
+    """What ``zoo train cvae`` with defaults chooses here."""
+    step, subject = default_step(data, device)
+    return choose_precision(device, "auto", lambda: measure_step_times(step, device), subject)
+
+
+def measure_probe(data: ImageData, device: torch.device, repeats: int = 3) -> dict[str, Any]:
+    """The precision probe of the default step run `repeats` times, uncached: how far apart
+    its bf16 speed-ups are (the probe is meant to agree with itself within 10 %)."""
+    step, subject = default_step(data, device)
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        times = measure_step_times(step, device)
+        runs.append({"speedup": times.speedup, "seconds": time.perf_counter() - started})
+    speedups = [r["speedup"] for r in runs]
+    return {
+        "subject": subject,
+        "runs": runs,
+        "spread": (max(speedups) - min(speedups)) / min(speedups),
+    }
 
 
 def median_rate(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
@@ -215,6 +267,153 @@ def measure_peer(
         "peer_with_zoo_allocator_img_per_s": peer_epoch(root, device, model_class)
         if allocator
         else None,
+    }
+
+
+# -- time to quality ------------------------------------------------------------------------------
+
+PEER_EPOCHS = 20
+PEER_LR_GAMMA = 0.95  # the published cvae.yaml's scheduler_gamma, an ExponentialLR per epoch
+
+
+class PeerAsZooModel(zoo.GenerativeModel):
+    """The peer's trained ConditionalVAE behind zoo's interface, so zoo's own recon and fid
+    metrics score it exactly as they score a zoo model. Its Tanh output is clamped to the
+    [0, 1] its training targets lie in (PyTorch-VAE feeds ToTensor images, not [-1, 1])."""
+
+    conditional = True
+
+    def __init__(self, peer: torch.nn.Module, attributes: int) -> None:
+        super().__init__(zoo.ModelConfig(num_attributes=attributes, latent_dim=peer.latent_dim))
+        self.peer = peer
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> zoo.Posterior:
+        assert y is not None
+        size = self.peer.img_size
+        plane = self.peer.embed_class(y).view(-1, 1, size, size)
+        mean, logvar = self.peer.encode(torch.cat([self.peer.embed_data(x), plane], dim=1))
+        return zoo.Posterior(mean, logvar)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        assert y is not None
+        return self.peer.decode(torch.cat([z, y.to(z.dtype)], dim=1)).clamp(0, 1)
+
+    def decode_logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.logit(self.decode(z, y), eps=1e-6)
+
+
+def train_peer(
+    root: Path, device: torch.device, model_class: type[torch.nn.Module]
+) -> tuple[torch.nn.Module, float]:
+    """`PEER_EPOCHS` epochs of the peer as published (its transforms, Adam, KL weight and
+    per-epoch learning-rate decay); returns the model and the wall seconds of training."""
+    dataset = PlainCelebA(root, "train")
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=PEER_WORKERS)
+    torch.manual_seed(0)
+    model = model_class(in_channels=3, num_classes=dataset.attrs.shape[1], latent_dim=128)
+    model = model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.005, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=PEER_LR_GAMMA)
+    start = time.perf_counter()
+    for _ in track(range(PEER_EPOCHS), description=f"peer, {PEER_EPOCHS} epochs"):
+        for x, y in loader:
+            outputs = model(x.to(device), labels=y.to(device))
+            loss = model.loss_function(*outputs, M_N=0.00025)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return model.eval(), time.perf_counter() - start
+
+
+def quality_of(
+    checkpoint: Path,
+    classifier: Path,
+    device: torch.device,
+    model: zoo.GenerativeModel | None = None,
+) -> dict[str, float]:
+    """MSE and FD-attr on the checkpoint's valid split, by zoo's recon and fid metrics, with
+    the project's classifier; `model` stands in for the checkpoint's (the peer) with its data,
+    attributes and preprocessing."""
+    from benchmarks.fid import FrechetDistance
+    from benchmarks.metric import BenchContext, BenchSettings, Memo
+    from benchmarks.recon import Reconstruction
+    from benchmarks.runner import benchmark_split
+
+    settings = BenchSettings(
+        split="valid", device=str(device), classifiers=[str(classifier)], progress=False
+    )
+    memo = Memo()
+    info = zoo.read_info(checkpoint)
+    context = BenchContext(
+        model=(model or zoo.load(checkpoint, device=device)).to(device).eval(),
+        checkpoint=checkpoint,
+        info=info,
+        data=benchmark_split(memo, info, settings),
+        settings=settings,
+        device=device,
+        metric_options={"fid": FrechetDistance.Options(features="classifier")},
+        memo=memo,
+    )
+    return {
+        "mse": Reconstruction().compute(context)["mse"],
+        "fd_attr": FrechetDistance().compute(context)["value"],
+    }
+
+
+def measure_time_to_quality(
+    data: str | None,
+    device: torch.device,
+    name: str,
+    source: Path | None,
+    classifier: Path | None,
+    max_epochs: int,
+) -> dict[str, Any]:
+    """The peer for `PEER_EPOCHS` epochs, scored; then ``zoo train cvae`` with defaults one
+    epoch at a time (resumed), scored after each, until it is at least as good on both MSE
+    and FD-attr (or `max_epochs`). Wall times count training only, not the scoring."""
+    if classifier is None or not classifier.is_file():
+        raise ZooError(
+            f"time-to-quality scores FD-attr with the project's attribute classifier: "
+            f"{classifier or 'no --classifier given'} is not a file; train one with "
+            "`zoo train-classifier --data DIR` and pass it as --classifier"
+        )
+    model_class = peer_model_class(name, source)
+    _, root = resolve_source(data)
+    peer, peer_seconds = train_peer(root, device, model_class)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(
+            TrainSettings(model="cvae", data=data, epochs=1, device=str(device), out=out),
+            progress=False,
+        )
+        peer_quality: dict[str, float] = {}
+        history = []
+        for epoch in range(1, max_epochs + 1):
+            if epoch > 1:  # one more epoch of the same run, as `zoo train --resume --epochs` does
+                settings = resume_settings(trainer.run_dir, epochs=epoch)
+                trainer = Trainer(settings, resume=trainer.run_dir, progress=False)
+            trainer.run()
+            checkpoint = trainer.run_dir / trainer.weights_file
+            if not peer_quality:
+                peer_model = PeerAsZooModel(peer, len(trainer.data.attr_names))
+                peer_quality = quality_of(checkpoint, classifier, device, peer_model)
+            quality = quality_of(checkpoint, classifier, device)
+            history.append({"epoch": epoch, "train_seconds": trainer.wall_time, **quality})
+            console.print(f"zoo cvae, epoch {epoch}: {quality} (the peer: {peer_quality})")
+            if all(quality[key] <= peer_quality[key] for key in quality):
+                break
+    reached = all(history[-1][key] <= peer_quality[key] for key in peer_quality)
+    return {
+        "peer": name,
+        "peer_epochs": PEER_EPOCHS,
+        "peer_train_seconds": peer_seconds,
+        "peer_quality": peer_quality,
+        "ours": history,
+        "ours_precision": trainer.precision,
+        "reached": reached,
+        "ratio": peer_seconds / history[-1]["train_seconds"] if reached else None,
     }
 
 
@@ -614,7 +813,9 @@ def cpu_features() -> list[str]:
     return [f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2") if f in flags]
 
 
-PARTS = ("pipeline", "precision", "flops", "compile", "variants", "profile", "layers", "ddp")
+PARTS = (
+    "pipeline", "precision", "probe", "flops", "compile", "variants", "profile", "layers", "ddp"
+)  # fmt: skip
 GPU_BATCH_SIZES = (64, 256, 1024)
 
 
@@ -631,10 +832,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--data", default=None, help="CelebA folder (default: zoo's resolution)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--only", default=None, help=f"comma-separated parts of {','.join(PARTS)},peer"
+        "--only", default=None, help=f"comma-separated parts of {','.join(PARTS)},peer,quality"
     )
     parser.add_argument("--peer", choices=sorted(PEERS), default=None, help="compare with a peer")
     parser.add_argument("--peer-src", type=Path, default=None, help="the peer's source folder")
+    parser.add_argument(
+        "--classifier", type=Path, default=None, help="quality part: the FD-attr classifier"
+    )
+    parser.add_argument(
+        "--max-epochs", type=int, default=20, help="quality part: zoo's epochs at most"
+    )
     parser.add_argument("--curve-steps", type=int, default=60)
     parser.add_argument("--ddp-steps", type=int, default=40)
     parser.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
@@ -653,7 +860,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "cpu": cpu_name(),
         "cpu_features": cpu_features(),
-        "auto_precision": choose_precision(device, "auto", measure_step_times).precision,
+        "auto_precision": auto_precision(data, device).precision,
         "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "data": data.root,
         "data_images": len(data),
@@ -688,6 +895,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results["layers"] = measure_layers(device, auto, len(data.attr_names))
     if "ddp" in parts:
         results["ddp"] = measure_ddp(args.data, args.ddp_steps)
+    if "probe" in parts:
+        results["probe"] = measure_probe(data, device)
+    if "quality" in parts:
+        peer = args.peer or "pytorch-vae"
+        results["quality"] = measure_time_to_quality(
+            args.data, device, peer, args.peer_src, args.classifier, args.max_epochs
+        )
     if "gpu" in parts:
         models = args.models.split(",") if args.models else zoo.list_models()
         sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -725,6 +939,34 @@ def report(results: dict[str, Any]) -> None:
                     f"{p['peer_with_zoo_allocator_img_per_s']:.0f} img/s",
                 )
             )
+    if "quality" in results:
+        q = results["quality"]
+        last = q["ours"][-1]
+        rows += [
+            (
+                f"{q['peer']} ConditionalVAE, {q['peer_epochs']} epochs: train s, MSE, FD-attr",
+                f"{q['peer_train_seconds']:.0f} s, {q['peer_quality']['mse']:.5f}, "
+                f"{q['peer_quality']['fd_attr']:.2f}",
+            ),
+            (
+                f"zoo train cvae ({q['ours_precision']}), {last['epoch']} epochs: the same",
+                f"{last['train_seconds']:.0f} s, {last['mse']:.5f}, {last['fd_attr']:.2f}",
+            ),
+            (
+                "time to quality, peer / zoo",
+                f"{q['ratio']:.2f}x" if q["reached"] else "zoo did not reach the peer",
+            ),
+        ]
+    if "probe" in results:
+        p = results["probe"]
+        rows += [
+            (
+                f"precision probe {i + 1} of {p['subject']}",
+                f"bf16 {r['speedup']:.2f}x in {r['seconds']:.1f} s",
+            )
+            for i, r in enumerate(p["runs"])
+        ]
+        rows.append(("probes' spread (max - min) / min", f"{100 * p['spread']:.1f} %"))
     if "pipeline" in results:
         p = results["pipeline"]
         rows += [
